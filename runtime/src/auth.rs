@@ -1,0 +1,303 @@
+//! Request signing: HMAC-SHA256 over a timestamp and the request.
+//!
+//! The string to sign is five lines joined by `\n`, with no trailing newline:
+//!
+//! ```text
+//! X-TS value
+//! METHOD (upper case)
+//! path and query exactly as sent in the request target
+//! X-Nonce value, or the empty string
+//! lowercase hex SHA-256 of the raw body
+//! ```
+//!
+//! `X-SIG` is the lowercase hex HMAC-SHA256 of that string, keyed with the
+//! UTF-8 bytes of the shared key. The server accepts a timestamp within
+//! [`TOLERANCE_SECONDS`] of its clock and each signature only once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// How far a request's timestamp may be from the server clock, either way.
+pub const TOLERANCE_SECONDS: u64 = 300;
+
+/// Minimum length of a shared key, in bytes.
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// Maximum length of an `X-Nonce` value, in bytes.
+pub const MAX_NONCE_BYTES: usize = 128;
+
+/// Header carrying the Unix time of the request, in whole seconds.
+pub const HEADER_TS: &str = "x-ts";
+/// Header carrying the signature.
+pub const HEADER_SIG: &str = "x-sig";
+/// Header carrying the optional nonce.
+pub const HEADER_NONCE: &str = "x-nonce";
+
+/// Returns the lowercase hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Builds the string to sign for one request.
+pub fn string_to_sign(ts: &str, method: &str, target: &str, nonce: &str, body: &[u8]) -> String {
+    format!(
+        "{ts}\n{}\n{target}\n{nonce}\n{}",
+        method.to_ascii_uppercase(),
+        sha256_hex(body)
+    )
+}
+
+/// Signs `string_to_sign` with `key`, returning lowercase hex.
+pub fn sign(key: &[u8], string_to_sign: &str) -> String {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(string_to_sign.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Generates a random key of 32 bytes, encoded as 64 hex characters, so it
+/// fits an environment variable. The text is the key: the server uses its
+/// UTF-8 bytes and never decodes it.
+pub fn generate_key() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system provides random bytes");
+    hex::encode(bytes)
+}
+
+/// Generates a random nonce for one request.
+pub fn generate_nonce() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system provides random bytes");
+    hex::encode(bytes)
+}
+
+/// Why a request failed authentication.
+///
+/// The [`code`](AuthError::code) is stable for clients; the message never
+/// contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// A required header is absent.
+    #[error("missing header {0}")]
+    MissingHeader(&'static str),
+    /// A header appears more than once.
+    #[error("header {0} appears more than once; send it once")]
+    RepeatedHeader(&'static str),
+    /// `X-TS` is not Unix time in whole seconds.
+    #[error("invalid X-TS: expected Unix time in whole seconds (ASCII digits only)")]
+    InvalidTimestamp,
+    /// `X-TS` is too far from the server clock.
+    #[error("stale X-TS: {skew} s from the server clock, more than the {TOLERANCE_SECONDS} s allowed; check the client clock")]
+    StaleTimestamp {
+        /// Difference from the server clock, in seconds.
+        skew: u64,
+    },
+    /// `X-Nonce` is too long or not printable ASCII.
+    #[error("invalid X-Nonce: use at most {MAX_NONCE_BYTES} printable ASCII characters")]
+    InvalidNonce,
+    /// `X-SIG` does not match the request.
+    #[error("bad signature: X-SIG does not match the request (timestamp, method, target, nonce and body are signed)")]
+    BadSignature,
+    /// The signature was already used.
+    #[error("replayed request: this signature was already accepted; sign each request afresh")]
+    Replay,
+}
+
+impl AuthError {
+    /// A short machine-readable code for API responses and the audit log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::MissingHeader(_) => "missing_header",
+            AuthError::RepeatedHeader(_) => "repeated_header",
+            AuthError::InvalidTimestamp => "invalid_timestamp",
+            AuthError::StaleTimestamp { .. } => "stale_timestamp",
+            AuthError::InvalidNonce => "invalid_nonce",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Replay => "replay",
+        }
+    }
+}
+
+/// The parts of a request that are signed.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedRequest<'a> {
+    /// `X-TS` header value.
+    pub ts: &'a str,
+    /// `X-SIG` header value.
+    pub signature: &'a str,
+    /// `X-Nonce` header value, or empty.
+    pub nonce: &'a str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path and query as sent in the request line.
+    pub target: &'a str,
+    /// Raw body.
+    pub body: &'a [u8],
+}
+
+/// Parses an `X-TS` value: ASCII digits only, no sign, space or fraction.
+pub fn parse_timestamp(value: &str) -> Result<u64, AuthError> {
+    if value.is_empty() || value.len() > 19 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AuthError::InvalidTimestamp);
+    }
+    value.parse().map_err(|_| AuthError::InvalidTimestamp)
+}
+
+/// Verifies signed requests with one key and remembers accepted signatures
+/// until their timestamps leave the window.
+pub struct Verifier {
+    key: Vec<u8>,
+    seen: Mutex<HashMap<[u8; 32], u64>>,
+}
+
+impl Verifier {
+    /// Creates a verifier for `key`, the UTF-8 bytes of the shared key.
+    pub fn new(key: Vec<u8>) -> Verifier {
+        Verifier {
+            key,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks one request against the clock `now` (Unix seconds).
+    ///
+    /// # Errors
+    ///
+    /// Returns the first check that failed. Signature comparison runs in
+    /// constant time; a replay is detected only after the signature verifies,
+    /// so unauthenticated traffic never fills the replay cache.
+    pub fn verify(&self, request: &SignedRequest<'_>, now: u64) -> Result<(), AuthError> {
+        let ts = parse_timestamp(request.ts)?;
+        let skew = ts.abs_diff(now);
+        if skew > TOLERANCE_SECONDS {
+            return Err(AuthError::StaleTimestamp { skew });
+        }
+        if request.nonce.len() > MAX_NONCE_BYTES
+            || !request.nonce.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(AuthError::InvalidNonce);
+        }
+
+        let signature = decode_signature(request.signature)?;
+        let text = string_to_sign(request.ts, request.method, request.target, request.nonce, request.body);
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
+        mac.update(text.as_bytes());
+        mac.verify_slice(&signature).map_err(|_| AuthError::BadSignature)?;
+
+        self.remember(signature, ts + TOLERANCE_SECONDS, now)
+    }
+
+    /// Records a verified signature, rejecting one already seen.
+    fn remember(&self, signature: [u8; 32], expires: u64, now: u64) -> Result<(), AuthError> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= 1024 {
+            seen.retain(|_, until| *until >= now);
+        }
+        match seen.get(&signature) {
+            Some(until) if *until >= now => Err(AuthError::Replay),
+            _ => {
+                seen.insert(signature, expires);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Decodes a signature of exactly 64 lowercase hex characters.
+fn decode_signature(value: &str) -> Result<[u8; 32], AuthError> {
+    if value.len() != 64 || !value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(AuthError::BadSignature);
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(value, &mut out).map_err(|_| AuthError::BadSignature)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk";
+
+    fn signed(ts: &str, nonce: &str) -> (String, String) {
+        let text = string_to_sign(ts, "GET", "/v1/plugins", nonce, b"");
+        (sign(KEY, &text), text)
+    }
+
+    fn request<'a>(ts: &'a str, signature: &'a str, nonce: &'a str) -> SignedRequest<'a> {
+        SignedRequest { ts, signature, nonce, method: "GET", target: "/v1/plugins", body: b"" }
+    }
+
+    #[test]
+    fn timestamp_accepts_digits_only() {
+        assert_eq!(parse_timestamp("1764806400"), Ok(1764806400));
+        for bad in ["", "+1764806400", "-1", " 1764806400", "1764806400.5", "1e9", "１２", "99999999999999999999"] {
+            assert_eq!(parse_timestamp(bad), Err(AuthError::InvalidTimestamp), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn window_is_tolerance_both_ways() {
+        let verifier = Verifier::new(KEY.to_vec());
+        let now = 1_800_000_000;
+
+        let early = (now - TOLERANCE_SECONDS).to_string();
+        let (sig, _) = signed(&early, "a");
+        assert_eq!(verifier.verify(&request(&early, &sig, "a"), now), Ok(()));
+
+        let late = (now + TOLERANCE_SECONDS).to_string();
+        let (sig, _) = signed(&late, "b");
+        assert_eq!(verifier.verify(&request(&late, &sig, "b"), now), Ok(()));
+
+        let too_early = (now - TOLERANCE_SECONDS - 1).to_string();
+        let (sig, _) = signed(&too_early, "c");
+        assert!(matches!(verifier.verify(&request(&too_early, &sig, "c"), now), Err(AuthError::StaleTimestamp { .. })));
+
+        let too_late = (now + TOLERANCE_SECONDS + 1).to_string();
+        let (sig, _) = signed(&too_late, "d");
+        assert!(matches!(verifier.verify(&request(&too_late, &sig, "d"), now), Err(AuthError::StaleTimestamp { .. })));
+    }
+
+    #[test]
+    fn replay_rejected_until_timestamp_expires() {
+        let verifier = Verifier::new(KEY.to_vec());
+        let ts = 1_800_000_000u64;
+        let ts_text = ts.to_string();
+        let (sig, _) = signed(&ts_text, "n");
+
+        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + 10), Ok(()));
+        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + 200), Err(AuthError::Replay));
+        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + TOLERANCE_SECONDS), Err(AuthError::Replay));
+        // One second later the timestamp itself is stale, so the replay cache may forget it.
+        assert!(matches!(
+            verifier.verify(&request(&ts_text, &sig, "n"), ts + TOLERANCE_SECONDS + 1),
+            Err(AuthError::StaleTimestamp { .. })
+        ));
+    }
+
+    #[test]
+    fn signature_must_be_lowercase_hex() {
+        let verifier = Verifier::new(KEY.to_vec());
+        let ts = "1800000000";
+        let (sig, _) = signed(ts, "");
+        let upper = sig.to_ascii_uppercase();
+        assert_eq!(verifier.verify(&request(ts, &upper, ""), 1_800_000_000), Err(AuthError::BadSignature));
+        assert_eq!(verifier.verify(&request(ts, &sig[..63], ""), 1_800_000_000), Err(AuthError::BadSignature));
+        assert_eq!(verifier.verify(&request(ts, &sig, ""), 1_800_000_000), Ok(()));
+    }
+
+    #[test]
+    fn nonce_rejects_control_characters() {
+        let verifier = Verifier::new(KEY.to_vec());
+        let ts = "1800000000";
+        let (sig, _) = signed(ts, "a b");
+        assert_eq!(verifier.verify(&request(ts, &sig, "a b"), 1_800_000_000), Err(AuthError::InvalidNonce));
+        let long = "n".repeat(MAX_NONCE_BYTES + 1);
+        assert_eq!(verifier.verify(&request(ts, &sig, &long), 1_800_000_000), Err(AuthError::InvalidNonce));
+    }
+}

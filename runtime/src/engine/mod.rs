@@ -1,0 +1,388 @@
+//! The WebAssembly engine: compiles components once, runs each request in a
+//! fresh instance under the policy.
+//!
+//! Phases are kept apart: [`Engine::compile`] validates, compiles and links a
+//! component once (at upload or startup); [`Engine::run`] only instantiates
+//! and calls it.
+
+mod limiter;
+mod output;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker, ResourceTable, types::ComponentItem};
+use wasmtime::{Config, Store, UpdateDeadline};
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxView, WasiView};
+
+pub use self::limiter::RunLimiter;
+pub use self::output::{CappedOutput, Captured};
+use crate::policy::{PathMode, Policy};
+
+/// Interval between epoch ticks. A running task yields to the async executor
+/// at every tick, so this bounds how long one task holds a worker thread.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Name of the function a `task` world component exports.
+const TASK_EXPORT: &str = "run";
+
+/// Prefix of the interface a command component exports.
+const COMMAND_EXPORT_PREFIX: &str = "wasi:cli/run@0.2";
+
+/// Errors that make an upload unusable, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompileError {
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly binary: the upload must start with the `\\0asm` magic bytes")]
+    NotWasm,
+    /// A core module was uploaded.
+    #[error(
+        "a WebAssembly core module was uploaded, but Apex runs components; build for wasm32-wasip2, or turn the module into a component with `wasm-tools component new`"
+    )]
+    CoreModule,
+    /// The component failed to validate or compile.
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// The component imports something the runtime does not provide.
+    #[error("unsupported import: {0}")]
+    UnsupportedImport(String),
+    /// The component exports neither entry point.
+    #[error(
+        "the component exports neither `run: func(input: string) -> result<string, string>` (the apex:task/task world) nor `wasi:cli/run` (a command)"
+    )]
+    NoEntryPoint,
+}
+
+/// What a plugin exports, which decides how it is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// Exports `run` of the `apex:task/task` world.
+    Task,
+    /// Exports `wasi:cli/run`: a program with a `main`.
+    Command,
+}
+
+/// A component compiled and linked against the host, ready to instantiate.
+pub struct CompiledPlugin {
+    kind: PluginKind,
+    prepared: Prepared,
+}
+
+enum Prepared {
+    Task { pre: InstancePre<RunState>, run: ComponentExportIndex },
+    Command(CommandPre<RunState>),
+}
+
+impl CompiledPlugin {
+    /// Returns the plugin's kind.
+    pub fn kind(&self) -> PluginKind {
+        self.kind
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// The task returned `ok`, or the command exited with 0.
+    Succeeded,
+    /// The task returned `err`, trapped, hit a limit, or exited non-zero.
+    Failed,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+/// Input of one run.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// Name of the plugin, used as `argv[0]` of a command.
+    pub plugin: String,
+    /// The request's `input` as JSON text; `None` when the request had none.
+    pub input: Option<String>,
+    /// Arguments for a command plugin.
+    pub args: Vec<String>,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// How the run ended.
+    pub status: RunStatus,
+    /// Text the task returned in `ok` (task plugins only).
+    pub output: Option<String>,
+    /// Exit code (command plugins only).
+    pub exit_code: Option<i32>,
+    /// Captured standard output.
+    pub stdout: Captured,
+    /// Captured standard error.
+    pub stderr: Captured,
+    /// Wall time from the start of instantiation.
+    pub duration: Duration,
+    /// Why the run failed or timed out.
+    pub error: Option<String>,
+}
+
+/// Host state of one run.
+pub struct RunState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: RunLimiter,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The shared engine and linker, and the thread that advances epochs.
+pub struct Engine {
+    engine: wasmtime::Engine,
+    linker: Linker<RunState>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Engine {
+    /// Creates the engine, links the WASI imports and starts the epoch ticker.
+    ///
+    /// # Errors
+    ///
+    /// Fails when wasmtime rejects the configuration or the host cannot start
+    /// the ticker thread.
+    pub fn new() -> anyhow::Result<Engine> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+
+        let engine = wasmtime::Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let stop = ticker_stop.clone();
+        let ticking = engine.weak();
+        std::thread::Builder::new().name("apex-epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match ticking.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+
+        Ok(Engine { engine, linker, ticker_stop })
+    }
+
+    /// Validates, compiles and links a component.
+    ///
+    /// This is CPU-bound and can take seconds for a large component: call it
+    /// from a blocking thread, never from an async worker.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`CompileError`] that says why the bytes cannot be a plugin.
+    pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, CompileError> {
+        check_header(bytes)?;
+
+        let component = Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| CompileError::UnsupportedImport(format!("{e:#}")))?;
+
+        let ty = component.component_type();
+        if let Some(export) = ty.get_export(&self.engine, TASK_EXPORT) {
+            let ComponentItem::ComponentFunc(func) = export.ty else {
+                return Err(CompileError::NoEntryPoint);
+            };
+            func.typecheck::<(String,), (Result<String, String>,)>(&ty.instance_type())
+                .map_err(|_| CompileError::NoEntryPoint)?;
+            let run = component
+                .get_export_index(None, TASK_EXPORT)
+                .ok_or(CompileError::NoEntryPoint)?;
+            return Ok(CompiledPlugin { kind: PluginKind::Task, prepared: Prepared::Task { pre, run } });
+        }
+
+        let exports_command = ty
+            .exports(&self.engine)
+            .any(|(name, _)| name.starts_with(COMMAND_EXPORT_PREFIX));
+        if exports_command {
+            let command = CommandPre::new(pre).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+            return Ok(CompiledPlugin { kind: PluginKind::Command, prepared: Prepared::Command(command) });
+        }
+
+        Err(CompileError::NoEntryPoint)
+    }
+
+    /// Runs a plugin once in a fresh instance under `policy`.
+    ///
+    /// The deadline covers instantiation and the whole call, including time
+    /// the task spends waiting inside host calls.
+    pub async fn run(&self, plugin: &CompiledPlugin, request: RunRequest, policy: &Policy) -> RunOutcome {
+        let started = Instant::now();
+        let stdout = CappedOutput::new(policy.limits.output_bytes);
+        let stderr = CappedOutput::new(policy.limits.output_bytes);
+
+        let finish = |status, output, exit_code, error| RunOutcome {
+            status,
+            output,
+            exit_code,
+            stdout: stdout.captured(),
+            stderr: stderr.captured(),
+            duration: started.elapsed(),
+            error,
+        };
+
+        let wasi = match build_wasi(plugin.kind, &request, policy, &stdout, &stderr) {
+            Ok(wasi) => wasi,
+            Err(e) => return finish(RunStatus::Failed, None, None, Some(format!("cannot prepare the run: {e:#}"))),
+        };
+
+        let state = RunState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: RunLimiter::new(policy.limits.memory_bytes),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+
+        let deadline = policy.timeouts.task;
+        let input = request.input.clone().unwrap_or_else(|| "null".to_string());
+        let call = call_plugin(&mut store, plugin, input);
+        let result = tokio::time::timeout(deadline, call).await;
+
+        let limiter = &store.data().limiter;
+        match result {
+            Err(_) => finish(
+                RunStatus::TimedOut,
+                None,
+                None,
+                Some(format!("deadline of {} s exceeded (timeouts.task_seconds)", deadline.as_secs())),
+            ),
+            Ok(Err(e)) => {
+                let message = match limiter.exceeded() {
+                    Some(requested) => format!(
+                        "memory limit exceeded: a linear memory requested {} MiB, the limit is {} MiB per linear memory (limits.memory_mib)",
+                        requested.div_ceil(1 << 20),
+                        limiter.memory_bytes() >> 20
+                    ),
+                    None => describe_trap(&e),
+                };
+                finish(RunStatus::Failed, None, None, Some(message))
+            }
+            Ok(Ok(Ended::Returned(Ok(output)))) => finish(RunStatus::Succeeded, Some(output), None, None),
+            Ok(Ok(Ended::Returned(Err(message)))) => finish(RunStatus::Failed, None, None, Some(message)),
+            Ok(Ok(Ended::Exited(0))) => finish(RunStatus::Succeeded, None, Some(0), None),
+            Ok(Ok(Ended::Exited(code))) => {
+                finish(RunStatus::Failed, None, Some(code), Some(format!("the command exited with code {code}")))
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How a call returned, when it did not trap.
+enum Ended {
+    Returned(Result<String, String>),
+    Exited(i32),
+}
+
+async fn call_plugin(store: &mut Store<RunState>, plugin: &CompiledPlugin, input: String) -> wasmtime::Result<Ended> {
+    match &plugin.prepared {
+        Prepared::Task { pre, run } => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let func = instance.get_typed_func::<(String,), (Result<String, String>,)>(&mut *store, run)?;
+            let (result,) = func.call_async(&mut *store, (input,)).await?;
+            Ok(Ended::Returned(result))
+        }
+        Prepared::Command(pre) => {
+            let command = pre.instantiate_async(&mut *store).await?;
+            match command.wasi_cli_run().call_run(&mut *store).await {
+                Ok(Ok(())) => Ok(Ended::Exited(0)),
+                Ok(Err(())) => Ok(Ended::Exited(1)),
+                Err(e) => match e.downcast_ref::<I32Exit>() {
+                    Some(exit) => Ok(Ended::Exited(exit.0)),
+                    None => Err(e),
+                },
+            }
+        }
+    }
+}
+
+/// Builds the WASI context of one run: captured stdio, no environment, the
+/// policy's directories preopened under their host paths, no sockets.
+fn build_wasi(
+    kind: PluginKind,
+    request: &RunRequest,
+    policy: &Policy,
+    stdout: &CappedOutput,
+    stderr: &CappedOutput,
+) -> anyhow::Result<WasiCtx> {
+    let mut builder = WasiCtx::builder();
+    builder.stdout(stdout.clone()).stderr(stderr.clone());
+
+    if kind == PluginKind::Command {
+        builder.arg(&request.plugin);
+        builder.args(&request.args);
+        if let Some(input) = &request.input {
+            builder.stdin(MemoryInputPipe::new(input.clone().into_bytes()));
+        }
+    }
+
+    for allowed in &policy.paths_allow {
+        let guest = allowed.path.to_str().expect("policy paths are validated as UTF-8");
+        let perms = match allowed.mode {
+            PathMode::Rw => FsPerms::ReadWrite,
+            PathMode::Ro => FsPerms::ReadOnly,
+        };
+        builder.preopened_dir(&allowed.path, guest, perms)?;
+    }
+
+    builder
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }));
+    Ok(builder.build())
+}
+
+/// Rejects bytes that are not a component before wasmtime sees them, so the
+/// common mistakes get a message that says what to do.
+fn check_header(bytes: &[u8]) -> Result<(), CompileError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(CompileError::NotWasm);
+    }
+    // Bytes 4..8 are a version and a layer: layer 0 is a core module, layer 1 a component.
+    match bytes[6..8] {
+        [0, 0] => Err(CompileError::CoreModule),
+        [1, 0] => Ok(()),
+        _ => Err(CompileError::Invalid("unknown WebAssembly layer in the header".into())),
+    }
+}
+
+/// Formats a trap or host error for the run result: the message and its
+/// causes, without the guest backtrace.
+fn describe_trap(error: &wasmtime::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !cause.is_empty() && !message.contains(&cause) && !cause.starts_with("error while executing at wasm backtrace") {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}

@@ -1,0 +1,26 @@
+//! Apex: a task runtime where every task is a WebAssembly component.
+//!
+//! - [`policy`] loads the YAML policy that decides what tasks may touch.
+//! - [`auth`] signs and verifies API requests (HMAC-SHA256).
+//! - [`engine`] compiles components and runs them under the policy.
+//! - [`store`] and [`registry`] keep uploaded plugins on disk and in memory.
+//! - [`api`] serves the HTTP API; [`server`] starts it.
+//! - [`client`] is the signing HTTP client behind the `apex` subcommands.
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod client;
+pub mod engine;
+pub mod policy;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+/// Returns the current Unix time in whole seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

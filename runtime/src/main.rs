@@ -1,0 +1,195 @@
+//! The `apex` command: the server, policy checks and a signing client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use apex::client::{Client, DEFAULT_URL, sign_request};
+use apex::server::{ServeOptions, serve};
+use clap::{Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Apex runs WebAssembly components as tasks, confined by a YAML policy.
+#[derive(Parser)]
+#[command(name = "apex", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the API server.
+    Serve {
+        /// Policy file.
+        #[arg(long, default_value = "config/policy.yaml")]
+        config: PathBuf,
+        /// Data directory for plugins and the audit log (created with mode 0700).
+        #[arg(long, default_value = "./data")]
+        data: PathBuf,
+        /// Address to listen on, HOST:PORT (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Validate policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print a new random shared key for APEX_SHARED_KEY.
+    Keygen,
+    /// Print the signature headers for one request, for use with curl.
+    Sign {
+        /// HTTP method, e.g. POST.
+        method: String,
+        /// Path and query exactly as sent, e.g. /v1/plugins/hello/run.
+        target: String,
+        /// File holding the request body (default: empty body).
+        #[arg(long, conflicts_with = "body")]
+        body_file: Option<PathBuf>,
+        /// Request body as text.
+        #[arg(long)]
+        body: Option<String>,
+    },
+    /// Upload a component as plugin NAME.
+    Upload {
+        /// Plugin name.
+        name: String,
+        /// The component (.wasm).
+        file: PathBuf,
+    },
+    /// Run plugin NAME and print the result.
+    Run {
+        /// Plugin name.
+        name: String,
+        /// Input as JSON text.
+        #[arg(long)]
+        input: Option<String>,
+        /// Argument for a command plugin (repeatable).
+        #[arg(long = "arg", allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// List the plugins on the server.
+    Plugins,
+    /// Delete plugin NAME.
+    Delete {
+        /// Plugin name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file and print the capabilities it grants.
+    Check {
+        /// Policy file.
+        #[arg(default_value = "config/policy.yaml")]
+        path: PathBuf,
+        /// Data directory the server would use, checked for overlap.
+        #[arg(long, default_value = "./data")]
+        data: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("APEX_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shared_key() -> String {
+    std::env::var("APEX_SHARED_KEY").unwrap_or_default()
+}
+
+fn client() -> anyhow::Result<Client> {
+    let url = std::env::var("APEX_URL").unwrap_or_else(|_| DEFAULT_URL.to_string());
+    Client::new(&url, &shared_key())
+}
+
+/// Prints a reply as JSON and maps its status to the exit code.
+fn print_reply(reply: apex::client::Reply) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(&reply.body)?);
+    if !reply.status.is_success() {
+        eprintln!("error: the server returned {}", reply.status);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config, data, listen } => {
+            serve(ServeOptions { config, data, listen, key: shared_key() }).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy { command: PolicyCommand::Check { path, data } } => {
+            let data = std::path::absolute(&data)?;
+            let policy = apex::server::load_policy(&path, &data)?;
+            print!("{}", policy.describe());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen => {
+            println!("{}", apex::auth::generate_key());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign { method, target, body_file, body } => {
+            let key = shared_key();
+            apex::server::check_key(&key)?;
+            let body = match (body_file, body) {
+                (Some(path), _) => std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+                (None, Some(text)) => text.into_bytes(),
+                (None, None) => Vec::new(),
+            };
+            let headers = sign_request(key.as_bytes(), &method, &target, &body);
+            println!("X-TS: {}", headers.ts);
+            println!("X-Nonce: {}", headers.nonce);
+            println!("X-SIG: {}", headers.signature);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Upload { name, file } => {
+            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let reply = client()?.send(Method::PUT, &format!("/v1/plugins/{name}"), wasm).await?;
+            print_reply(reply)
+        }
+        Command::Run { name, input, args } => {
+            let input: Value = match input {
+                Some(text) => serde_json::from_str(&text).with_context(|| format!("--input is not valid JSON: {text}"))?,
+                None => Value::Null,
+            };
+            let mut body = json!({ "input": input });
+            if !args.is_empty() {
+                body["args"] = json!(args);
+            }
+            let reply = client()?
+                .send(Method::POST, &format!("/v1/plugins/{name}/run"), serde_json::to_vec(&body)?)
+                .await?;
+            let succeeded = reply.body.get("status").and_then(Value::as_str) == Some("succeeded");
+            let code = print_reply(reply)?;
+            Ok(if succeeded { code } else { ExitCode::FAILURE })
+        }
+        Command::Plugins => print_reply(client()?.send(Method::GET, "/v1/plugins", Vec::new()).await?),
+        Command::Delete { name } => {
+            print_reply(client()?.send(Method::DELETE, &format!("/v1/plugins/{name}"), Vec::new()).await?)
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! The policy file: what tasks may touch, loaded and validated once at startup.
+//!
+//! The file keeps the keys of the operators' existing security guide
+//! (`shell_allow`, `paths_allow`, `network.http_allow_domains`, `timeouts`) and
+//! adds `limits`. Loading resolves relative paths against the directory of the
+//! file, so the same file means the same thing from any working directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors found while loading a policy file.
+///
+/// Each message names the key and the value at fault and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        /// The policy file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML, has an unknown key or a value of the wrong type.
+    #[error("invalid policy file {path}: {message}")]
+    Syntax {
+        /// The policy file.
+        path: PathBuf,
+        /// The parser's message, with the line and column.
+        message: String,
+    },
+    /// A value is syntactically fine but not acceptable.
+    #[error("invalid policy file {path}: `{key}`: {message}")]
+    Value {
+        /// The policy file.
+        path: PathBuf,
+        /// The key, in dotted form (`timeouts.task_seconds`, `paths_allow[1]`).
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Access a task gets to an allowed directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathMode {
+    /// Read and write (the default).
+    Rw,
+    /// Read only.
+    Ro,
+}
+
+impl fmt::Display for PathMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PathMode::Rw => "read-write",
+            PathMode::Ro => "read-only",
+        })
+    }
+}
+
+/// A directory a task may access, preopened under the same absolute path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedPath {
+    /// The canonical absolute path on the host, which is also the guest path.
+    pub path: PathBuf,
+    /// Read-write or read-only.
+    pub mode: PathMode,
+}
+
+/// Deadlines from the `timeouts` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Deadline of one plugin run (`task_seconds`, or `python_seconds` in the
+    /// operators' original format).
+    pub task: Duration,
+    /// Deadline of one host shell call (`shell_seconds`).
+    pub shell: Duration,
+    /// Deadline of one outgoing HTTP request (`http_seconds`).
+    pub http: Duration,
+}
+
+/// Resource limits from the `limits` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum size of one linear memory of a run, in bytes (`memory_mib`).
+    pub memory_bytes: usize,
+    /// Maximum size of an uploaded component, in bytes (`upload_mib`).
+    pub upload_bytes: usize,
+    /// Maximum size of a run request body, in bytes (`input_kib`).
+    pub input_bytes: usize,
+    /// Maximum captured stdout, and separately stderr, of one run, in bytes (`output_kib`).
+    pub output_bytes: usize,
+}
+
+/// Default deadline of a plugin run, shell call and HTTP request, in seconds.
+pub const DEFAULT_TASK_SECONDS: u64 = 60;
+const DEFAULT_SHELL_SECONDS: u64 = 60;
+const DEFAULT_HTTP_SECONDS: u64 = 30;
+
+/// Default memory limit. A componentize-py component starts with about 12 MiB
+/// of linear memory and grows from there, so this leaves ample room.
+const DEFAULT_MEMORY_MIB: u64 = 256;
+/// Default upload limit. A componentize-py component is about 20 MB.
+const DEFAULT_UPLOAD_MIB: u64 = 64;
+const DEFAULT_INPUT_KIB: u64 = 1024;
+const DEFAULT_OUTPUT_KIB: u64 = 1024;
+
+const MAX_SECONDS: u64 = 24 * 60 * 60;
+const MAX_MEMORY_MIB: u64 = 4096;
+const MAX_UPLOAD_MIB: u64 = 1024;
+const MAX_INPUT_KIB: u64 = 64 * 1024;
+const MAX_OUTPUT_KIB: u64 = 64 * 1024;
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The policy file, canonical.
+    pub source: PathBuf,
+    /// SHA-256 of the file as loaded, lowercase hex.
+    pub sha256: String,
+    /// Command prefixes for the host shell call, as written.
+    pub shell_allow: Vec<String>,
+    /// Directories tasks may access.
+    pub paths_allow: Vec<AllowedPath>,
+    /// Host names outgoing HTTP requests may reach, as written.
+    pub http_allow_domains: Vec<String>,
+    /// Deadlines.
+    pub timeouts: Timeouts,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    shell_allow: Vec<String>,
+    #[serde(default)]
+    paths_allow: Vec<RawPath>,
+    #[serde(default)]
+    network: RawNetwork,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPath {
+    Plain(String),
+    Detailed(RawPathEntry),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathEntry {
+    path: String,
+    #[serde(default = "default_mode")]
+    mode: PathMode,
+}
+
+fn default_mode() -> PathMode {
+    PathMode::Rw
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    #[serde(default)]
+    http_allow_domains: Vec<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    shell_seconds: Option<u64>,
+    python_seconds: Option<u64>,
+    task_seconds: Option<u64>,
+    http_seconds: Option<u64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory_mib: Option<u64>,
+    upload_mib: Option<u64>,
+    input_kib: Option<u64>,
+    output_kib: Option<u64>,
+}
+
+/// Files the server trusts, which no allowed path may contain or lie inside.
+#[derive(Debug, Default, Clone)]
+pub struct ProtectedPaths {
+    /// The server's data directory (plugins, compiled code).
+    pub data_dir: Option<PathBuf>,
+    /// Other files the server reads at startup: key files, `.env`.
+    pub files: Vec<PathBuf>,
+}
+
+impl Policy {
+    /// Loads and validates the policy file at `path`.
+    ///
+    /// Relative paths in the file are resolved against its directory and must
+    /// exist. No allowed path may overlap the policy file itself or any of the
+    /// `protected` paths, so that a task can never write what the server
+    /// later trusts.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`PolicyError`] naming the key and value at fault.
+    pub fn load(path: &Path, protected: &ProtectedPaths) -> Result<Policy, PolicyError> {
+        let text = std::fs::read(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let source = path.canonicalize().map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Policy::parse(&text, &source, protected)
+    }
+
+    /// Validates policy text as if it were read from the file `source`,
+    /// which must be canonical.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`PolicyError`] naming the key and value at fault.
+    pub fn parse(
+        text: &[u8],
+        source: &Path,
+        protected: &ProtectedPaths,
+    ) -> Result<Policy, PolicyError> {
+        let sha256 = crate::auth::sha256_hex(text);
+        let raw: Option<RawPolicy> =
+            serde_yaml_ng::from_slice(text).map_err(|e| PolicyError::Syntax {
+                path: source.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        // An empty file is a policy that grants nothing.
+        let raw = raw.unwrap_or_else(|| RawPolicy {
+            shell_allow: Vec::new(),
+            paths_allow: Vec::new(),
+            network: RawNetwork::default(),
+            timeouts: RawTimeouts::default(),
+            limits: RawLimits::default(),
+        });
+
+        let checker = Checker { source };
+        let base = source.parent().unwrap_or(Path::new("/"));
+
+        checker.check_strings("shell_allow", &raw.shell_allow)?;
+        checker.check_strings("network.http_allow_domains", &raw.network.http_allow_domains)?;
+        let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
+        checker.check_protected(&paths_allow, protected)?;
+
+        Ok(Policy {
+            source: source.to_path_buf(),
+            sha256,
+            shell_allow: raw.shell_allow,
+            paths_allow,
+            http_allow_domains: raw.network.http_allow_domains,
+            timeouts: checker.timeouts(&raw.timeouts)?,
+            limits: checker.limits(&raw.limits)?,
+        })
+    }
+
+    /// Describes the capabilities this policy grants, one per line, for
+    /// `apex policy check` and the startup log.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("policy {} (sha256 {})\n", self.source.display(), self.sha256));
+
+        out.push_str("directories (preopened under the same path):\n");
+        if self.paths_allow.is_empty() {
+            out.push_str("  none\n");
+        }
+        for allowed in &self.paths_allow {
+            out.push_str(&format!("  {} ({})\n", allowed.path.display(), allowed.mode));
+        }
+
+        out.push_str("outgoing HTTP hosts:\n");
+        push_list(&mut out, &self.http_allow_domains);
+        out.push_str("shell command prefixes:\n");
+        push_list(&mut out, &self.shell_allow);
+
+        out.push_str("sockets: denied\nenvironment: empty\n");
+        let t = &self.timeouts;
+        out.push_str(&format!(
+            "timeouts: task {} s, shell {} s, http {} s\n",
+            t.task.as_secs(),
+            t.shell.as_secs(),
+            t.http.as_secs()
+        ));
+        let l = &self.limits;
+        out.push_str(&format!(
+            "limits: memory {} MiB per linear memory, upload {} MiB, input {} KiB, output {} KiB per stream\n",
+            l.memory_bytes >> 20,
+            l.upload_bytes >> 20,
+            l.input_bytes >> 10,
+            l.output_bytes >> 10
+        ));
+        out
+    }
+}
+
+fn push_list(out: &mut String, items: &[String]) {
+    if items.is_empty() {
+        out.push_str("  none\n");
+    }
+    for item in items {
+        out.push_str(&format!("  {item:?}\n"));
+    }
+}
+
+/// Validation helpers that know which file they report on.
+struct Checker<'a> {
+    source: &'a Path,
+}
+
+impl Checker<'_> {
+    fn error(&self, key: impl Into<String>, message: impl Into<String>) -> PolicyError {
+        PolicyError::Value {
+            path: self.source.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn check_strings(&self, key: &str, values: &[String]) -> Result<(), PolicyError> {
+        let mut seen = HashSet::new();
+        for (index, value) in values.iter().enumerate() {
+            if value.trim().is_empty() {
+                return Err(self.error(
+                    format!("{key}[{index}]"),
+                    "empty entry; remove it (an empty list grants nothing)",
+                ));
+            }
+            if !seen.insert(value.as_str()) {
+                return Err(self.error(
+                    format!("{key}[{index}]"),
+                    format!("duplicate entry {value:?}; list each value once"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&self, base: &Path, raw: &[RawPath]) -> Result<Vec<AllowedPath>, PolicyError> {
+        let mut resolved: Vec<AllowedPath> = Vec::new();
+
+        for (index, entry) in raw.iter().enumerate() {
+            let key = format!("paths_allow[{index}]");
+            let (written, mode) = match entry {
+                RawPath::Plain(path) => (path.as_str(), PathMode::Rw),
+                RawPath::Detailed(entry) => (entry.path.as_str(), entry.mode),
+            };
+            if written.trim().is_empty() {
+                return Err(self.error(key, "empty path; remove the entry (an empty list grants nothing)"));
+            }
+
+            let joined = base.join(written);
+            let path = joined.canonicalize().map_err(|e| {
+                self.error(
+                    &key,
+                    format!(
+                        "{written:?} resolves to {}, which cannot be used: {e}; create the directory or fix the path",
+                        joined.display()
+                    ),
+                )
+            })?;
+            if !path.is_dir() {
+                return Err(self.error(key, format!("{written:?} ({}) is not a directory", path.display())));
+            }
+            if path.to_str().is_none() {
+                return Err(self.error(key, format!("{} is not valid UTF-8, which WASI paths require", path.display())));
+            }
+            if path == Path::new("/") {
+                return Err(self.error(key, "the root directory would expose the whole host; allow a narrower directory"));
+            }
+            if let Some(earlier) = resolved.iter().position(|p| p.path == path) {
+                return Err(self.error(
+                    key,
+                    format!("{written:?} is the same directory as paths_allow[{earlier}] ({})", path.display()),
+                ));
+            }
+
+            resolved.push(AllowedPath { path, mode });
+        }
+        Ok(resolved)
+    }
+
+    fn check_protected(&self, allowed: &[AllowedPath], protected: &ProtectedPaths) -> Result<(), PolicyError> {
+        let mut trusted: Vec<(&str, PathBuf)> = vec![("the policy file", self.source.to_path_buf())];
+        if let Some(data_dir) = &protected.data_dir {
+            trusted.push(("the data directory", canonical_or_self(data_dir)));
+        }
+        for file in &protected.files {
+            trusted.push(("a file the server trusts", canonical_or_self(file)));
+        }
+
+        for (index, entry) in allowed.iter().enumerate() {
+            for (what, path) in &trusted {
+                if path.starts_with(&entry.path) || entry.path.starts_with(path) {
+                    return Err(self.error(
+                        format!("paths_allow[{index}]"),
+                        format!(
+                            "{} overlaps {what} ({}); tasks must never reach files the server trusts, so move one of them",
+                            entry.path.display(),
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn seconds(&self, key: &str, value: Option<u64>, default: u64) -> Result<Duration, PolicyError> {
+        let seconds = value.unwrap_or(default);
+        if seconds == 0 || seconds > MAX_SECONDS {
+            return Err(self.error(key, format!("{seconds} is out of range; use 1 to {MAX_SECONDS} seconds")));
+        }
+        Ok(Duration::from_secs(seconds))
+    }
+
+    fn timeouts(&self, raw: &RawTimeouts) -> Result<Timeouts, PolicyError> {
+        let task = match (raw.task_seconds, raw.python_seconds) {
+            (Some(task), Some(python)) if task != python => {
+                return Err(self.error(
+                    "timeouts.task_seconds",
+                    format!(
+                        "{task} differs from timeouts.python_seconds ({python}); both name the deadline of a plugin run, so set only one"
+                    ),
+                ));
+            }
+            (task, python) => task.or(python),
+        };
+        let task_key = if raw.task_seconds.is_some() { "timeouts.task_seconds" } else { "timeouts.python_seconds" };
+
+        Ok(Timeouts {
+            task: self.seconds(task_key, task, DEFAULT_TASK_SECONDS)?,
+            shell: self.seconds("timeouts.shell_seconds", raw.shell_seconds, DEFAULT_SHELL_SECONDS)?,
+            http: self.seconds("timeouts.http_seconds", raw.http_seconds, DEFAULT_HTTP_SECONDS)?,
+        })
+    }
+
+    fn sized(&self, key: &str, value: Option<u64>, default: u64, max: u64, unit_shift: u32, unit: &str) -> Result<usize, PolicyError> {
+        let amount = value.unwrap_or(default);
+        if amount == 0 || amount > max {
+            return Err(self.error(key, format!("{amount} is out of range; use 1 to {max} {unit}")));
+        }
+        Ok((amount << unit_shift) as usize)
+    }
+
+    fn limits(&self, raw: &RawLimits) -> Result<Limits, PolicyError> {
+        Ok(Limits {
+            memory_bytes: self.sized("limits.memory_mib", raw.memory_mib, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, 20, "MiB")?,
+            upload_bytes: self.sized("limits.upload_mib", raw.upload_mib, DEFAULT_UPLOAD_MIB, MAX_UPLOAD_MIB, 20, "MiB")?,
+            input_bytes: self.sized("limits.input_kib", raw.input_kib, DEFAULT_INPUT_KIB, MAX_INPUT_KIB, 10, "KiB")?,
+            output_bytes: self.sized("limits.output_kib", raw.output_kib, DEFAULT_OUTPUT_KIB, MAX_OUTPUT_KIB, 10, "KiB")?,
+        })
+    }
+}
+
+fn canonical_or_self(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+}

@@ -1,0 +1,160 @@
+//! The plugins the server can run: compiled in memory, stored on disk.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Semaphore;
+
+use crate::engine::{CompileError, CompiledPlugin, Engine};
+use crate::store::{PluginRecord, PluginStore};
+
+/// Compiles that may run at once. Compiling is CPU-bound and wasmtime already
+/// compiles functions in parallel, so more would only slow runs down.
+const CONCURRENT_COMPILES: usize = 1;
+
+/// A plugin ready to run.
+pub struct LoadedPlugin {
+    /// What the store records about it.
+    pub record: PluginRecord,
+    /// The compiled, linked component.
+    pub compiled: CompiledPlugin,
+}
+
+/// Why an upload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The component is unusable.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// The host failed to compile or store it.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// Compiled plugins by name, backed by a [`PluginStore`].
+pub struct Registry {
+    engine: Arc<Engine>,
+    store: Arc<PluginStore>,
+    plugins: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
+    compiles: Semaphore,
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Creates a registry and loads every stored plugin.
+    ///
+    /// A plugin that fails to load is logged and left on disk, so one bad
+    /// file cannot keep the server from starting.
+    pub async fn load(engine: Arc<Engine>, store: Arc<PluginStore>) -> std::io::Result<Registry> {
+        let registry = Registry {
+            engine,
+            store,
+            plugins: RwLock::new(HashMap::new()),
+            compiles: Semaphore::new(CONCURRENT_COMPILES),
+            changes: tokio::sync::Mutex::new(()),
+        };
+
+        let records = {
+            let store = registry.store.clone();
+            tokio::task::spawn_blocking(move || store.list()).await.map_err(std::io::Error::other)??
+        };
+        for record in records {
+            let name = record.name.clone();
+            match registry.compile_stored(record).await {
+                Ok(plugin) => {
+                    tracing::info!(plugin = %name, sha256 = %plugin.record.sha256, "loaded plugin");
+                    registry.insert(plugin);
+                }
+                Err(e) => tracing::error!(plugin = %name, error = %e, "cannot load stored plugin; it stays on disk but cannot run"),
+            }
+        }
+        Ok(registry)
+    }
+
+    async fn compile_stored(&self, record: PluginRecord) -> Result<LoadedPlugin, String> {
+        let _permit = self.compiles.acquire().await.map_err(|e| e.to_string())?;
+        let engine = self.engine.clone();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let wasm = store.read_wasm(&record).map_err(|e| e.to_string())?;
+            let compiled = engine.compile(&wasm).map_err(|e| e.to_string())?;
+            Ok(LoadedPlugin { record, compiled })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    fn insert(&self, plugin: LoadedPlugin) {
+        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        plugins.insert(plugin.record.name.clone(), Arc::new(plugin));
+    }
+
+    /// Returns the plugin called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
+        self.plugins.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    /// Returns the records of all plugins, sorted by name.
+    pub fn records(&self) -> Vec<PluginRecord> {
+        let plugins = self.plugins.read().unwrap_or_else(|e| e.into_inner());
+        let mut records: Vec<PluginRecord> = plugins.values().map(|p| p.record.clone()).collect();
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        records
+    }
+
+    /// Validates, compiles and stores a component under `name`, replacing
+    /// any plugin of that name. Nothing changes when a step fails.
+    ///
+    /// # Errors
+    ///
+    /// [`UploadError::Compile`] when the component is unusable,
+    /// [`UploadError::Host`] when the server fails to store it.
+    pub async fn upload(&self, name: &str, wasm: bytes::Bytes) -> Result<PluginRecord, UploadError> {
+        let engine = self.engine.clone();
+        let compiled = {
+            let _permit = self.compiles.acquire().await.map_err(|e| UploadError::Host(e.to_string()))?;
+            let wasm = wasm.clone();
+            tokio::task::spawn_blocking(move || engine.compile(&wasm))
+                .await
+                .map_err(|e| UploadError::Host(e.to_string()))??
+        };
+
+        let record = PluginRecord {
+            name: name.to_owned(),
+            sha256: crate::auth::sha256_hex(&wasm),
+            size: wasm.len() as u64,
+            kind: compiled.kind(),
+            uploaded_at: crate::unix_now(),
+        };
+
+        // Storing and publishing happen under one lock, so a concurrent
+        // delete or upload of the same name cannot leave memory and disk apart.
+        let _changes = self.changes.lock().await;
+        let store = self.store.clone();
+        let saved = record.clone();
+        tokio::task::spawn_blocking(move || store.save(&saved, &wasm))
+            .await
+            .map_err(|e| UploadError::Host(e.to_string()))?
+            .map_err(|e| UploadError::Host(format!("cannot store the plugin: {e}")))?;
+
+        self.insert(LoadedPlugin { record: record.clone(), compiled });
+        Ok(record)
+    }
+
+    /// Removes the plugin called `name`. Returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the stored record cannot be removed.
+    pub async fn delete(&self, name: &str) -> std::io::Result<Option<PluginRecord>> {
+        let _changes = self.changes.lock().await;
+        let store = self.store.clone();
+        let owned = name.to_owned();
+        let existed = tokio::task::spawn_blocking(move || store.delete(&owned))
+            .await
+            .map_err(std::io::Error::other)??;
+
+        let removed = self.plugins.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        Ok(if existed { removed.map(|p| p.record.clone()) } else { None })
+    }
+}
