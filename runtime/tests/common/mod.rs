@@ -1,0 +1,320 @@
+//! Test harness: builds the example plugins, starts the real `apex serve` on
+//! 127.0.0.1 with a policy of the test's choosing, and talks raw HTTP/1.1 to
+//! it so tests control every byte of the request line and headers.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The shared key every test server uses.
+pub const KEY: &str = "test-key-0123456789abcdef0123456789abcdef";
+
+/// Returns the repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Returns the path of an example plugin, building all of them on first use.
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = repo_root().join("scripts/build-plugins.sh");
+        let status = Command::new("bash").arg(&script).status().expect("bash runs");
+        assert!(status.success(), "building the plugins with {} failed", script.display());
+    });
+    let path = repo_root().join("target/plugins").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A response: status, headers (lower-case names) and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// Parses the body as JSON, panicking with the body text if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Returns the `error.code` of an error body.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// A request to send, with full control over the signed parts.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    pub fn new(method: &str, target: &str, body: impl Into<Vec<u8>>) -> Request {
+        Request { method: method.into(), target: target.into(), body: body.into(), headers: Vec::new() }
+    }
+
+    /// Adds `X-TS`, `X-Nonce` and `X-SIG` for the current time.
+    pub fn signed(self) -> Request {
+        self.signed_at(apex::unix_now())
+    }
+
+    /// Adds `X-TS`, `X-Nonce` and `X-SIG` for Unix time `ts`.
+    pub fn signed_at(mut self, ts: u64) -> Request {
+        let ts = ts.to_string();
+        let nonce = apex::auth::generate_nonce();
+        let text = apex::auth::string_to_sign(&ts, &self.method, &self.target, &nonce, &self.body);
+        let signature = apex::auth::sign(KEY.as_bytes(), &text);
+        self.headers.push(("X-TS".into(), ts));
+        self.headers.push(("X-Nonce".into(), nonce));
+        self.headers.push(("X-SIG".into(), signature));
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Request {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn without_header(mut self, name: &str) -> Request {
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        self
+    }
+
+    pub fn find_header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+    }
+
+    pub fn get_header(&self, name: &str) -> String {
+        self.find_header(name).unwrap_or_else(|| panic!("request has no {name} header"))
+    }
+
+    pub fn set_header(self, name: &str, value: &str) -> Request {
+        self.without_header(name).header(name, value)
+    }
+}
+
+/// Policy settings a test varies; the rest comes from [`TestServer::start`].
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Policy text; `{WORK}` is replaced with the work directory, `{RO}`
+    /// with a read-only directory.
+    pub policy: String,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            policy: "paths_allow:\n  - {WORK}\n  - {path: {RO}, mode: ro}\ntimeouts: {task_seconds: 10}\n".into(),
+        }
+    }
+}
+
+/// A running `apex serve` in a temporary directory.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl TestServer {
+    /// Starts a server with the default test policy.
+    pub fn start() -> TestServer {
+        TestServer::start_with(Setup::default())
+    }
+
+    /// Starts a server with `setup`.
+    pub fn start_with(setup: Setup) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let ro = dir.path().join("ro");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::create_dir_all(&ro).unwrap();
+        let policy = setup
+            .policy
+            .replace("{WORK}", work.to_str().unwrap())
+            .replace("{RO}", ro.to_str().unwrap());
+        std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+
+        let mut server = TestServer { dir, addr: String::new(), child: None };
+        server.spawn();
+        server
+    }
+
+    pub fn work(&self) -> PathBuf {
+        self.dir.path().join("work").canonicalize().unwrap()
+    }
+
+    pub fn ro(&self) -> PathBuf {
+        self.dir.path().join("ro").canonicalize().unwrap()
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts (or restarts) the server process on a free port.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("policy.yaml"))
+            .arg("--data")
+            .arg(self.data())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .current_dir(self.dir.path())
+            .env("APEX_SHARED_KEY", KEY)
+            .env("APEX_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("apex starts");
+
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let Some(addr) = line.trim().strip_prefix("apex listening on http://") else {
+            let _ = child.kill();
+            panic!("server did not start: {line:?}\nlog:\n{}", self.log());
+        };
+        self.addr = addr.to_string();
+        self.child = Some(child);
+    }
+
+    /// Stops the server with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Returns the server's log (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Returns the audit events, parsed.
+    pub fn audit(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.data().join("audit.log")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Sends `request` as raw HTTP/1.1 and reads the whole response.
+    pub fn send(&self, request: &Request) -> Response {
+        send_raw(&self.addr, request)
+    }
+
+    pub fn upload(&self, name: &str, wasm: &[u8]) -> Response {
+        self.send(&Request::new("PUT", &format!("/v1/plugins/{name}"), wasm).signed())
+    }
+
+    /// Uploads an example plugin under its own name and asserts success.
+    pub fn upload_plugin(&self, name: &str) {
+        let wasm = std::fs::read(plugin(name)).unwrap();
+        let response = self.upload(name, &wasm);
+        assert_eq!(response.status, 201, "upload {name}: {}", String::from_utf8_lossy(&response.body));
+    }
+
+    /// Runs a plugin with `body` and returns the JSON result (status 200 asserted).
+    pub fn run(&self, name: &str, body: Value) -> Value {
+        let response = self.send(&Request::new("POST", &format!("/v1/plugins/{name}/run"), body.to_string()).signed());
+        assert_eq!(response.status, 200, "run {name}: {}", String::from_utf8_lossy(&response.body));
+        response.json()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends one request on a new connection and reads until the server closes it.
+pub fn send_raw(addr: &str, request: &Request) -> Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+
+    let mut head = format!("{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n", request.method, request.target);
+    for (name, value) in &request.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&request.body).unwrap();
+
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response has a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+
+    let mut body = raw[split + 4..].to_vec();
+    if headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    Response { status, headers, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
