@@ -10,7 +10,8 @@
 //! - `env`: returns the environment variables the task sees.
 //! - `connect` `{"addr": "HOST:PORT"}`: opens a TCP connection.
 //! - `resolve` `{"host": NAME}`: looks a name up.
-//! - `print` `{"bytes": N}`: writes N bytes to stdout and N to stderr.
+//! - `print` `{"bytes": N, "byte": B}`: writes N bytes of value B (default
+//!   `x`) to stdout and N to stderr.
 //! - `fail` `{"message": M}`: returns an error.
 //! - `echo`: returns the input text unchanged.
 
@@ -34,6 +35,7 @@ struct Input {
     addr: Option<String>,
     host: Option<String>,
     bytes: Option<usize>,
+    byte: Option<u8>,
     message: Option<String>,
 }
 
@@ -107,8 +109,11 @@ impl Guest for Probe {
             }
             "print" => {
                 let bytes = required(input.bytes, "bytes")?;
-                let chunk = vec![b'x'; bytes];
-                std::io::stdout().write_all(&chunk).map_err(|e| e.to_string())?;
+                let chunk = vec![input.byte.unwrap_or(b'x'); bytes];
+                // A task's exports return without the flush a `main` gets at
+                // exit, so flush before returning.
+                let mut stdout = std::io::stdout();
+                stdout.write_all(&chunk).and_then(|()| stdout.flush()).map_err(|e| e.to_string())?;
                 std::io::stderr().write_all(&chunk).map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "printed": bytes }).to_string())
             }

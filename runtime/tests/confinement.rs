@@ -1,0 +1,252 @@
+//! What a task can and cannot reach: files, environment, sockets, time,
+//! memory and output, each tested from the task's side.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::{Request, Setup, TestServer};
+use serde_json::{Value, json};
+
+fn probe(server: &TestServer, input: Value) -> Value {
+    server.run("probe", json!({ "input": input }))
+}
+
+fn assert_denied(result: &Value, what: &str) {
+    assert_eq!(result["status"], "failed", "{what} must be denied: {result}");
+}
+
+fn server_with_probe() -> TestServer {
+    let server = TestServer::start();
+    server.upload_plugin("probe");
+    server
+}
+
+#[test]
+fn allowed_directory_readable_and_writable() {
+    let server = server_with_probe();
+    let file = server.work().join("out.txt");
+    let result = probe(&server, json!({ "op": "write", "path": file, "text": "written by a task" }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "written by a task");
+
+    let result = probe(&server, json!({ "op": "read", "path": file }));
+    assert_eq!(result["output"], "written by a task");
+}
+
+#[test]
+fn read_only_directory_not_writable() {
+    let server = server_with_probe();
+    let ro = server.ro();
+    std::fs::write(ro.join("ref.txt"), "reference").unwrap();
+
+    let result = probe(&server, json!({ "op": "read", "path": ro.join("ref.txt") }));
+    assert_eq!(result["output"], "reference", "{result}");
+
+    let result = probe(&server, json!({ "op": "write", "path": ro.join("new.txt"), "text": "x" }));
+    assert_denied(&result, "writing into a read-only directory");
+    assert!(!ro.join("new.txt").exists());
+
+    let result = probe(&server, json!({ "op": "write", "path": ro.join("ref.txt"), "text": "changed" }));
+    assert_denied(&result, "overwriting a read-only file");
+    assert_eq!(std::fs::read_to_string(ro.join("ref.txt")).unwrap(), "reference");
+}
+
+#[test]
+fn paths_outside_allowed_denied() {
+    let server = server_with_probe();
+    let work = server.work();
+    // A secret beside the work directory, which a task must never read.
+    let secret = server.dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+    let secret = secret.canonicalize().unwrap();
+
+    let attempts = [
+        json!(secret),
+        json!(format!("{}/../secret.txt", work.display())),
+        json!(format!("{}/./../../{}", work.display(), secret.display())),
+        json!("/etc/passwd"),
+        json!("../secret.txt"),
+        json!("secret.txt"),
+        json!(server.data().join("audit.log")),
+        json!(server.dir.path().join("policy.yaml")),
+        json!("/proc/self/environ"),
+    ];
+    for path in attempts {
+        let result = probe(&server, json!({ "op": "read", "path": path }));
+        assert_denied(&result, &format!("reading {path}"));
+        assert!(!result.to_string().contains("top secret"));
+    }
+
+    let result = probe(&server, json!({ "op": "write", "path": format!("{}/../escaped.txt", work.display()), "text": "x" }));
+    assert_denied(&result, "writing through ..");
+    assert!(!server.dir.path().join("escaped.txt").exists());
+
+    let result = probe(&server, json!({ "op": "list", "path": "/" }));
+    assert_denied(&result, "listing /");
+}
+
+#[test]
+fn symlinks_out_of_allowed_denied() {
+    let server = server_with_probe();
+    let work = server.work();
+    let secret = server.dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+
+    std::os::unix::fs::symlink(&secret, work.join("link-to-file")).unwrap();
+    std::os::unix::fs::symlink(server.dir.path(), work.join("link-to-dir")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", work.join("relative-link")).unwrap();
+
+    for path in [work.join("link-to-file"), work.join("link-to-dir/secret.txt"), work.join("relative-link")] {
+        let result = probe(&server, json!({ "op": "read", "path": path }));
+        assert_denied(&result, &format!("reading through symlink {}", path.display()));
+        assert!(!result.to_string().contains("top secret"));
+    }
+
+    let result = probe(&server, json!({ "op": "write", "path": work.join("link-to-dir/planted.txt"), "text": "x" }));
+    assert_denied(&result, "writing through a symlinked directory");
+    assert!(!server.dir.path().join("planted.txt").exists());
+
+    // A symlink that stays inside the allowed directory works.
+    std::fs::write(work.join("inside.txt"), "fine").unwrap();
+    std::os::unix::fs::symlink("inside.txt", work.join("inside-link")).unwrap();
+    let result = probe(&server, json!({ "op": "read", "path": work.join("inside-link") }));
+    assert_eq!(result["output"], "fine", "{result}");
+}
+
+#[test]
+fn empty_policy_grants_no_directory() {
+    let server = TestServer::start_with(Setup { policy: "paths_allow: []\n".into() });
+    server.upload_plugin("probe");
+    let work = server.work();
+    std::fs::write(work.join("a.txt"), "data").unwrap();
+    let result = probe(&server, json!({ "op": "read", "path": work.join("a.txt") }));
+    assert_denied(&result, "reading with no allowed paths");
+}
+
+#[test]
+fn environment_is_empty() {
+    let server = server_with_probe();
+    let result = probe(&server, json!({ "op": "env" }));
+    assert_eq!(result["status"], "succeeded");
+    assert_eq!(result["output"], json!({}), "the server's environment, its key above all, never reaches a task");
+    assert!(!result.to_string().contains(common::KEY));
+}
+
+#[test]
+fn sockets_denied() {
+    let server = server_with_probe();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    for target in [addr.to_string(), server.addr.clone()] {
+        let result = probe(&server, json!({ "op": "connect", "addr": target }));
+        assert_denied(&result, &format!("connecting to {target}"));
+    }
+    assert!(listener.accept().is_err(), "no connection may reach the listener");
+
+    let result = probe(&server, json!({ "op": "resolve", "host": "localhost" }));
+    assert_denied(&result, "name lookup");
+}
+
+#[test]
+fn infinite_loop_times_out_and_server_keeps_serving() {
+    let server = TestServer::start_with(Setup { policy: "timeouts: {task_seconds: 2}\n".into() });
+    server.upload_plugin("probe");
+
+    let addr = server.addr.clone();
+    let looping = std::thread::spawn(move || {
+        let body = json!({ "input": { "op": "loop" } }).to_string();
+        common::send_raw(&addr, &Request::new("POST", "/v1/plugins/probe/run", body).signed())
+    });
+
+    // While the task loops, the API answers promptly.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = server.send(&Request::new("GET", "/healthz", ""));
+        assert_eq!(response.status, 200);
+        assert!(started.elapsed() < Duration::from_millis(500), "healthz took {:?}", started.elapsed());
+        let list = server.send(&Request::new("GET", "/v1/plugins", "").signed());
+        assert_eq!(list.status, 200);
+    }
+
+    let response = looping.join().unwrap();
+    let result = response.json();
+    assert_eq!(result["status"], "timed_out", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("2 s"), "{result}");
+    let duration = result["duration_ms"].as_u64().unwrap();
+    assert!((2000..4000).contains(&duration), "{duration} ms");
+}
+
+#[test]
+fn deadline_fires_inside_host_call() {
+    let server = TestServer::start_with(Setup { policy: "timeouts: {task_seconds: 1}\n".into() });
+    server.upload_plugin("probe");
+
+    let started = Instant::now();
+    let result = probe(&server, json!({ "op": "sleep", "ms": 60_000 }));
+    assert_eq!(result["status"], "timed_out", "{result}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+
+    let result = probe(&server, json!({ "op": "sleep", "ms": 10 }));
+    assert_eq!(result["status"], "succeeded", "a short sleep is within the deadline: {result}");
+}
+
+#[test]
+fn memory_limit_obeyed() {
+    let server = TestServer::start_with(Setup { policy: "limits: {memory_mib: 64}\n".into() });
+    server.upload_plugin("probe");
+    let result = probe(&server, json!({ "op": "alloc", "mib": 16 }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["output"]["allocated_mib"], 16);
+}
+
+#[test]
+fn memory_limit_violated() {
+    let server = TestServer::start_with(Setup { policy: "limits: {memory_mib: 64}\n".into() });
+    server.upload_plugin("probe");
+    let result = probe(&server, json!({ "op": "alloc", "mib": 200 }));
+    assert_eq!(result["status"], "failed", "{result}");
+    let error = result["error"].as_str().unwrap();
+    assert!(error.contains("memory limit exceeded"), "{error}");
+    assert!(error.contains("64 MiB"), "{error}");
+
+    // The server is fine afterwards.
+    let result = probe(&server, json!({ "op": "alloc", "mib": 1 }));
+    assert_eq!(result["status"], "succeeded");
+}
+
+#[test]
+fn output_within_cap_kept_whole() {
+    let server = TestServer::start_with(Setup { policy: "limits: {output_kib: 4}\n".into() });
+    server.upload_plugin("probe");
+    let result = probe(&server, json!({ "op": "print", "bytes": 4096 }));
+    assert_eq!(result["status"], "succeeded");
+    assert_eq!(result["stdout"].as_str().unwrap().len(), 4096);
+    assert_eq!(result["stdout_truncated"], false);
+    assert!(result.get("warning").is_none());
+}
+
+#[test]
+fn output_beyond_cap_truncated_and_flagged() {
+    let server = TestServer::start_with(Setup { policy: "limits: {output_kib: 4}\n".into() });
+    server.upload_plugin("probe");
+    let result = probe(&server, json!({ "op": "print", "bytes": 1_000_000 }));
+    assert_eq!(result["status"], "succeeded", "the task finishes its work: {result}");
+    assert_eq!(result["stdout"].as_str().unwrap().len(), 4096);
+    assert_eq!(result["stderr"].as_str().unwrap().len(), 4096);
+    assert_eq!(result["stdout_truncated"], true);
+    assert_eq!(result["stderr_truncated"], true);
+    assert!(result["warning"].as_str().unwrap().contains("1000000 bytes"), "{result}");
+}
+
+#[test]
+fn invalid_utf8_output_is_valid_json() {
+    let server = server_with_probe();
+    let result = probe(&server, json!({ "op": "print", "bytes": 3, "byte": 255 }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["stdout"], "\u{fffd}\u{fffd}\u{fffd}");
+}

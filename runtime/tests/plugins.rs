@@ -1,0 +1,288 @@
+//! Uploading, listing, running and deleting plugins through the signed API.
+
+mod common;
+
+use common::{Request, Setup, TestServer};
+use serde_json::json;
+
+#[test]
+fn hello_greets_by_name() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+
+    let result = server.run("hello", json!({ "input": { "name": "Ada" } }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert!(result["output"]["greeting"].as_str().unwrap().contains("Ada"), "{result}");
+    assert!(result["duration_ms"].is_u64());
+    assert_eq!(result["stdout"], "");
+}
+
+#[test]
+fn wordcount_counts_work_directory() {
+    let server = TestServer::start();
+    server.upload_plugin("wordcount");
+    let work = server.work();
+    std::fs::write(work.join("a.txt"), "one two three\nfour\n").unwrap();
+    std::fs::create_dir(work.join("sub")).unwrap();
+    std::fs::write(work.join("sub/b.txt"), "five six\n").unwrap();
+
+    let result = server.run("wordcount", json!({ "input": { "path": work } }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["output"], json!({ "files": 2, "lines": 3, "words": 6, "bytes": 28 }));
+}
+
+#[test]
+fn wordcount_outside_preopens_fails_cleanly() {
+    let server = TestServer::start();
+    server.upload_plugin("wordcount");
+
+    for path in ["/etc", "/", "relative"] {
+        let result = server.run("wordcount", json!({ "input": { "path": path } }));
+        assert_eq!(result["status"], "failed", "{path}: {result}");
+        assert!(result["error"].as_str().unwrap().contains("cannot read"), "{path}: {result}");
+    }
+}
+
+#[test]
+fn upload_returns_digest_size_and_kind() {
+    let server = TestServer::start();
+    let wasm = std::fs::read(common::plugin("hello")).unwrap();
+    let response = server.upload("hello", &wasm);
+    assert_eq!(response.status, 201);
+
+    let record = response.json();
+    assert_eq!(record["name"], "hello");
+    assert_eq!(record["sha256"], apex::auth::sha256_hex(&wasm));
+    assert_eq!(record["size"], wasm.len() as u64);
+    assert_eq!(record["kind"], "task");
+
+    let echo = std::fs::read(common::plugin("echo-cli")).unwrap();
+    assert_eq!(server.upload("echo-cli", &echo).json()["kind"], "command");
+
+    let audit = server.audit();
+    let uploads: Vec<_> = audit.iter().filter(|e| e["kind"] == "plugin_upload").collect();
+    assert_eq!(uploads.len(), 2);
+    assert_eq!(uploads[0]["sha256"], record["sha256"]);
+}
+
+#[test]
+fn list_show_and_delete() {
+    let server = TestServer::start();
+    server.upload_plugin("wordcount");
+    server.upload_plugin("hello");
+
+    let list = server.send(&Request::new("GET", "/v1/plugins", "").signed()).json();
+    let names: Vec<&str> = list["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["hello", "wordcount"]);
+
+    let show = server.send(&Request::new("GET", "/v1/plugins/hello", "").signed());
+    assert_eq!(show.status, 200);
+    assert_eq!(show.json()["kind"], "task");
+
+    let delete = server.send(&Request::new("DELETE", "/v1/plugins/hello", "").signed());
+    assert_eq!(delete.status, 200);
+    assert_eq!(delete.json()["deleted"], "hello");
+
+    for (method, target) in [
+        ("GET", "/v1/plugins/hello"),
+        ("DELETE", "/v1/plugins/hello"),
+        ("POST", "/v1/plugins/hello/run"),
+    ] {
+        let response = server.send(&Request::new(method, target, "").signed());
+        assert_eq!(response.status, 404, "{method} {target}");
+        assert_eq!(response.error_code(), "plugin_not_found");
+    }
+    assert!(server.audit().iter().any(|e| e["kind"] == "plugin_delete" && e["plugin"] == "hello"));
+}
+
+#[test]
+fn upload_replaces_existing_plugin() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+    let probe = std::fs::read(common::plugin("probe")).unwrap();
+    assert_eq!(server.upload("hello", &probe).status, 201);
+
+    let result = server.run("hello", json!({ "input": { "op": "echo" } }));
+    assert_eq!(result["output"], json!({ "op": "echo" }), "the new component runs under the old name");
+    let blobs = std::fs::read_dir(server.data().join("plugins/blobs")).unwrap().count();
+    assert_eq!(blobs, 1, "the replaced component is removed from disk");
+}
+
+#[test]
+fn invalid_names_rejected() {
+    let server = TestServer::start();
+    let wasm = std::fs::read(common::plugin("hello")).unwrap();
+    for name in ["Hello", "-x", "_x", "a.b", "a%2Fb", "..", "%2E%2E", "a%20b", &"a".repeat(64)] {
+        let response = server.upload(name, &wasm);
+        assert_eq!(response.status, 400, "{name}");
+        assert_eq!(response.error_code(), "invalid_name", "{name}");
+    }
+    let longest = "a".repeat(63);
+    assert_eq!(server.upload(&longest, &wasm).status, 201);
+}
+
+#[test]
+fn garbage_upload_rejected() {
+    let server = TestServer::start();
+    for body in [&b""[..], b"hello", b"\0asm", b"\x7fELF\x02\x01\x01\0\0\0\0\0"] {
+        let response = server.upload("junk", body);
+        assert_eq!(response.status, 400, "{body:?}");
+        assert_eq!(response.error_code(), "invalid_component");
+        assert!(response.json()["error"]["message"].as_str().unwrap().contains("not a WebAssembly binary"));
+    }
+
+    // A component header followed by garbage.
+    let response = server.upload("junk", b"\0asm\x0d\0\x01\0\xff\xff\xff");
+    assert_eq!(response.status, 400);
+    assert!(response.json()["error"]["message"].as_str().unwrap().starts_with("invalid component"));
+
+    let list = server.send(&Request::new("GET", "/v1/plugins", "").signed()).json();
+    assert_eq!(list["plugins"], json!([]), "nothing is stored after a rejected upload");
+}
+
+#[test]
+fn core_module_rejected_with_hint() {
+    let server = TestServer::start();
+    // The smallest valid core module: magic and version 1, no sections.
+    let response = server.upload("core", b"\0asm\x01\0\0\0");
+    assert_eq!(response.status, 400);
+    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("core module"), "{message}");
+    assert!(message.contains("component"), "{message}");
+}
+
+#[test]
+fn unsupported_import_named() {
+    let server = TestServer::start();
+    // A component that imports an interface the runtime does not provide.
+    let wat = r#"(component (import "acme:missing/thing" (instance (export "f" (func)))))"#;
+    let wasm = wat::parse_str(wat).unwrap();
+    let response = server.upload("importer", &wasm);
+    assert_eq!(response.status, 400, "{}", String::from_utf8_lossy(&response.body));
+    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("acme:missing/thing"), "{message}");
+}
+
+#[test]
+fn component_without_entry_point_rejected() {
+    let server = TestServer::start();
+    let wasm = wat::parse_str("(component)").unwrap();
+    let response = server.upload("empty", &wasm);
+    assert_eq!(response.status, 400);
+    assert!(response.json()["error"]["message"].as_str().unwrap().contains("wasi:cli/run"));
+}
+
+#[test]
+fn oversized_upload_rejected() {
+    let server = TestServer::start_with(Setup { policy: "limits: {upload_mib: 1}\n".into() });
+    let response = server.upload("big", &vec![0u8; (1 << 20) + 1]);
+    assert_eq!(response.status, 413, "{}", String::from_utf8_lossy(&response.body));
+}
+
+#[test]
+fn malformed_run_requests_rejected() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+
+    for body in ["{", "[1,2]", "{\"input\": }", "{\"inptu\": 1}", "{\"args\": \"x\"}", "\u{ff}"] {
+        let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", body).signed());
+        assert_eq!(response.status, 400, "{body}");
+        assert_eq!(response.error_code(), "invalid_json", "{body}");
+    }
+
+    let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", r#"{"args":["x"]}"#).signed());
+    assert_eq!(response.status, 400);
+    assert_eq!(response.error_code(), "args_not_supported");
+
+    // An empty body is a run without input.
+    let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", "").signed());
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["output"]["greeting"], "Hello, world!");
+}
+
+#[test]
+fn oversized_input_rejected() {
+    let server = TestServer::start_with(Setup { policy: "limits: {input_kib: 1}\n".into() });
+    server.upload_plugin("hello");
+    let name = "x".repeat(2000);
+    let response =
+        server.send(&Request::new("POST", "/v1/plugins/hello/run", json!({"input": {"name": name}}).to_string()).signed());
+    assert_eq!(response.status, 413);
+}
+
+#[test]
+fn task_error_fails_run() {
+    let server = TestServer::start();
+    server.upload_plugin("probe");
+    let result = server.run("probe", json!({ "input": { "op": "fail", "message": "no such repo" } }));
+    assert_eq!(result["status"], "failed");
+    assert_eq!(result["error"], "no such repo");
+    assert_eq!(result["output"], serde_json::Value::Null);
+}
+
+#[test]
+fn output_that_is_not_json_returned_as_string() {
+    let server = TestServer::start();
+    server.upload_plugin("probe");
+    let work = server.work();
+    std::fs::write(work.join("note.txt"), "plain text").unwrap();
+    let result = server.run("probe", json!({ "input": { "op": "read", "path": work.join("note.txt") } }));
+    // The probe returns the text as a JSON string.
+    assert_eq!(result["output"], "plain text");
+}
+
+#[test]
+fn command_plugin_gets_args_and_stdin() {
+    let server = TestServer::start();
+    server.upload_plugin("echo-cli");
+
+    let result = server.run("echo-cli", json!({ "input": { "x": 1 }, "args": ["--flag", "value"] }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["exit_code"], 0);
+    let line: serde_json::Value = serde_json::from_str(result["stdout"].as_str().unwrap().trim()).unwrap();
+    assert_eq!(line["args"], json!(["echo-cli", "--flag", "value"]));
+    assert_eq!(line["stdin"], r#"{"x":1}"#);
+    assert_eq!(result["stderr"], "echo-cli: 3 argument(s)\n");
+
+    let failed = server.run("echo-cli", json!({ "args": ["--exit", "3"] }));
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["exit_code"], 1, "WASI 0.2 reports failure as exit code 1");
+
+    let no_input = server.run("echo-cli", json!({}));
+    let line: serde_json::Value = serde_json::from_str(no_input["stdout"].as_str().unwrap().trim()).unwrap();
+    assert_eq!(line["stdin"], "", "a run without input has empty stdin");
+}
+
+#[test]
+fn restart_keeps_plugins() {
+    let mut server = TestServer::start();
+    server.upload_plugin("hello");
+    server.upload_plugin("echo-cli");
+    server.restart();
+
+    let result = server.run("hello", json!({ "input": { "name": "Grace" } }));
+    assert_eq!(result["output"]["greeting"], "Hello, Grace!");
+    let result = server.run("echo-cli", json!({}));
+    assert_eq!(result["status"], "succeeded");
+
+    let kinds: Vec<_> = server.audit().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    assert!(kinds.contains(&"server_stop".to_string()), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| *k == "server_start").count(), 2, "{kinds:?}");
+}
+
+#[test]
+fn altered_component_not_loaded_on_restart() {
+    let mut server = TestServer::start();
+    server.upload_plugin("hello");
+    server.stop();
+
+    let blobs = server.data().join("plugins/blobs");
+    let blob = std::fs::read_dir(&blobs).unwrap().next().unwrap().unwrap().path();
+    let probe = std::fs::read(common::plugin("probe")).unwrap();
+    std::fs::write(&blob, probe).unwrap();
+
+    server.spawn();
+    let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", "{}").signed());
+    assert_eq!(response.status, 404, "an altered component must not run");
+    assert!(server.log().contains("the file was altered"), "{}", server.log());
+}
