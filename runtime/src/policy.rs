@@ -143,20 +143,13 @@ struct RawPolicy {
     #[serde(default)]
     shell_allow: Vec<String>,
     #[serde(default)]
-    paths_allow: Vec<RawPath>,
+    paths_allow: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
     network: RawNetwork,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
     limits: RawLimits,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawPath {
-    Plain(String),
-    Detailed(RawPathEntry),
 }
 
 #[derive(Deserialize)]
@@ -354,15 +347,23 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn resolve_paths(&self, base: &Path, raw: &[RawPath]) -> Result<Vec<AllowedPath>, PolicyError> {
+    fn resolve_paths(&self, base: &Path, raw: &[serde_yaml_ng::Value]) -> Result<Vec<AllowedPath>, PolicyError> {
         let mut resolved: Vec<AllowedPath> = Vec::new();
 
         for (index, entry) in raw.iter().enumerate() {
             let key = format!("paths_allow[{index}]");
+            // An entry is a path, or `{path: P, mode: rw|ro}`.
             let (written, mode) = match entry {
-                RawPath::Plain(path) => (path.as_str(), PathMode::Rw),
-                RawPath::Detailed(entry) => (entry.path.as_str(), entry.mode),
+                serde_yaml_ng::Value::String(path) => (path.clone(), PathMode::Rw),
+                serde_yaml_ng::Value::Mapping(_) => {
+                    let entry: RawPathEntry = serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
+                        self.error(&key, format!("{e}; expected a path or {{path: DIR, mode: rw|ro}}"))
+                    })?;
+                    (entry.path, entry.mode)
+                }
+                _ => return Err(self.error(key, "expected a path or {path: DIR, mode: rw|ro}")),
             };
+            let written = written.as_str();
             if written.trim().is_empty() {
                 return Err(self.error(key, "empty path; remove the entry (an empty list grants nothing)"));
             }
