@@ -33,7 +33,9 @@ impl AuditLog {
             .append(true)
             .mode(0o600)
             .open(data_dir.join(AUDIT_FILE))?;
-        Ok(AuditLog { file: Mutex::new(file) })
+        Ok(AuditLog {
+            file: Mutex::new(file),
+        })
     }
 
     /// Appends one event of `kind` with `fields`. A failed write is logged,

@@ -92,7 +92,9 @@ pub enum AuthError {
     #[error("invalid X-TS: expected Unix time in whole seconds (ASCII digits only)")]
     InvalidTimestamp,
     /// `X-TS` is too far from the server clock.
-    #[error("stale X-TS: {skew} s from the server clock, more than the {TOLERANCE_SECONDS} s allowed; check the client clock")]
+    #[error(
+        "stale X-TS: {skew} s from the server clock, more than the {TOLERANCE_SECONDS} s allowed; check the client clock"
+    )]
     StaleTimestamp {
         /// Difference from the server clock, in seconds.
         skew: u64,
@@ -101,7 +103,9 @@ pub enum AuthError {
     #[error("invalid X-Nonce: use at most {MAX_NONCE_BYTES} printable ASCII characters")]
     InvalidNonce,
     /// `X-SIG` does not match the request.
-    #[error("bad signature: X-SIG does not match the request (timestamp, method, target, nonce and body are signed)")]
+    #[error(
+        "bad signature: X-SIG does not match the request (timestamp, method, target, nonce and body are signed)"
+    )]
     BadSignature,
     /// The signature was already used.
     #[error("replayed request: this signature was already accepted; sign each request afresh")]
@@ -184,10 +188,18 @@ impl Verifier {
         }
 
         let signature = decode_signature(request.signature)?;
-        let text = string_to_sign(request.ts, request.method, request.target, request.nonce, request.body);
-        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
+        let text = string_to_sign(
+            request.ts,
+            request.method,
+            request.target,
+            request.nonce,
+            request.body,
+        );
+        let mut mac =
+            HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
         mac.update(text.as_bytes());
-        mac.verify_slice(&signature).map_err(|_| AuthError::BadSignature)?;
+        mac.verify_slice(&signature)
+            .map_err(|_| AuthError::BadSignature)?;
 
         self.remember(signature, ts + TOLERANCE_SECONDS, now)
     }
@@ -210,7 +222,11 @@ impl Verifier {
 
 /// Decodes a signature of exactly 64 lowercase hex characters.
 fn decode_signature(value: &str) -> Result<[u8; 32], AuthError> {
-    if value.len() != 64 || !value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if value.len() != 64
+        || !value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return Err(AuthError::BadSignature);
     }
     let mut out = [0u8; 32];
@@ -230,14 +246,34 @@ mod tests {
     }
 
     fn request<'a>(ts: &'a str, signature: &'a str, nonce: &'a str) -> SignedRequest<'a> {
-        SignedRequest { ts, signature, nonce, method: "GET", target: "/v1/plugins", body: b"" }
+        SignedRequest {
+            ts,
+            signature,
+            nonce,
+            method: "GET",
+            target: "/v1/plugins",
+            body: b"",
+        }
     }
 
     #[test]
     fn timestamp_accepts_digits_only() {
         assert_eq!(parse_timestamp("1764806400"), Ok(1764806400));
-        for bad in ["", "+1764806400", "-1", " 1764806400", "1764806400.5", "1e9", "１２", "99999999999999999999"] {
-            assert_eq!(parse_timestamp(bad), Err(AuthError::InvalidTimestamp), "{bad:?}");
+        for bad in [
+            "",
+            "+1764806400",
+            "-1",
+            " 1764806400",
+            "1764806400.5",
+            "1e9",
+            "１２",
+            "99999999999999999999",
+        ] {
+            assert_eq!(
+                parse_timestamp(bad),
+                Err(AuthError::InvalidTimestamp),
+                "{bad:?}"
+            );
         }
     }
 
@@ -256,11 +292,17 @@ mod tests {
 
         let too_early = (now - TOLERANCE_SECONDS - 1).to_string();
         let (sig, _) = signed(&too_early, "c");
-        assert!(matches!(verifier.verify(&request(&too_early, &sig, "c"), now), Err(AuthError::StaleTimestamp { .. })));
+        assert!(matches!(
+            verifier.verify(&request(&too_early, &sig, "c"), now),
+            Err(AuthError::StaleTimestamp { .. })
+        ));
 
         let too_late = (now + TOLERANCE_SECONDS + 1).to_string();
         let (sig, _) = signed(&too_late, "d");
-        assert!(matches!(verifier.verify(&request(&too_late, &sig, "d"), now), Err(AuthError::StaleTimestamp { .. })));
+        assert!(matches!(
+            verifier.verify(&request(&too_late, &sig, "d"), now),
+            Err(AuthError::StaleTimestamp { .. })
+        ));
     }
 
     #[test]
@@ -270,9 +312,18 @@ mod tests {
         let ts_text = ts.to_string();
         let (sig, _) = signed(&ts_text, "n");
 
-        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + 10), Ok(()));
-        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + 200), Err(AuthError::Replay));
-        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + TOLERANCE_SECONDS), Err(AuthError::Replay));
+        assert_eq!(
+            verifier.verify(&request(&ts_text, &sig, "n"), ts + 10),
+            Ok(())
+        );
+        assert_eq!(
+            verifier.verify(&request(&ts_text, &sig, "n"), ts + 200),
+            Err(AuthError::Replay)
+        );
+        assert_eq!(
+            verifier.verify(&request(&ts_text, &sig, "n"), ts + TOLERANCE_SECONDS),
+            Err(AuthError::Replay)
+        );
         // One second later the timestamp itself is stale, so the replay cache may forget it.
         assert!(matches!(
             verifier.verify(&request(&ts_text, &sig, "n"), ts + TOLERANCE_SECONDS + 1),
@@ -286,9 +337,18 @@ mod tests {
         let ts = "1800000000";
         let (sig, _) = signed(ts, "");
         let upper = sig.to_ascii_uppercase();
-        assert_eq!(verifier.verify(&request(ts, &upper, ""), 1_800_000_000), Err(AuthError::BadSignature));
-        assert_eq!(verifier.verify(&request(ts, &sig[..63], ""), 1_800_000_000), Err(AuthError::BadSignature));
-        assert_eq!(verifier.verify(&request(ts, &sig, ""), 1_800_000_000), Ok(()));
+        assert_eq!(
+            verifier.verify(&request(ts, &upper, ""), 1_800_000_000),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            verifier.verify(&request(ts, &sig[..63], ""), 1_800_000_000),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            verifier.verify(&request(ts, &sig, ""), 1_800_000_000),
+            Ok(())
+        );
     }
 
     #[test]
@@ -296,8 +356,14 @@ mod tests {
         let verifier = Verifier::new(KEY.to_vec());
         let ts = "1800000000";
         let (sig, _) = signed(ts, "a b");
-        assert_eq!(verifier.verify(&request(ts, &sig, "a b"), 1_800_000_000), Err(AuthError::InvalidNonce));
+        assert_eq!(
+            verifier.verify(&request(ts, &sig, "a b"), 1_800_000_000),
+            Err(AuthError::InvalidNonce)
+        );
         let long = "n".repeat(MAX_NONCE_BYTES + 1);
-        assert_eq!(verifier.verify(&request(ts, &sig, &long), 1_800_000_000), Err(AuthError::InvalidNonce));
+        assert_eq!(
+            verifier.verify(&request(ts, &sig, &long), 1_800_000_000),
+            Err(AuthError::InvalidNonce)
+        );
     }
 }

@@ -25,7 +25,11 @@ pub fn sign_request(key: &[u8], method: &str, target: &str, body: &[u8]) -> Sign
     let ts = crate::unix_now().to_string();
     let nonce = auth::generate_nonce();
     let text = auth::string_to_sign(&ts, method, target, &nonce, body);
-    SignedHeaders { signature: auth::sign(key, &text), ts, nonce }
+    SignedHeaders {
+        signature: auth::sign(key, &text),
+        ts,
+        nonce,
+    }
 }
 
 /// A signing client for one server.
@@ -51,12 +55,17 @@ impl Client {
     ///
     /// Fails when `url` is not an http URL.
     pub fn new(url: &str, key: &str) -> anyhow::Result<Client> {
-        let base = reqwest::Url::parse(url).with_context(|| format!("invalid server URL {url:?}"))?;
+        let base =
+            reqwest::Url::parse(url).with_context(|| format!("invalid server URL {url:?}"))?;
         if base.scheme() != "http" {
             anyhow::bail!("invalid server URL {url:?}: only http:// is supported");
         }
         crate::server::check_key(key)?;
-        Ok(Client { base, key: key.as_bytes().to_vec(), http: reqwest::Client::new() })
+        Ok(Client {
+            base,
+            key: key.as_bytes().to_vec(),
+            http: reqwest::Client::new(),
+        })
     }
 
     /// Sends a signed request to `target` (path and query).
@@ -65,7 +74,10 @@ impl Client {
     ///
     /// Fails when the server cannot be reached.
     pub async fn send(&self, method: Method, target: &str, body: Vec<u8>) -> anyhow::Result<Reply> {
-        let url = self.base.join(target).with_context(|| format!("invalid request target {target:?}"))?;
+        let url = self
+            .base
+            .join(target)
+            .with_context(|| format!("invalid request target {target:?}"))?;
         // Sign the target exactly as it will go on the wire, after URL parsing.
         let mut wire_target = url.path().to_owned();
         if let Some(query) = url.query() {

@@ -95,7 +95,8 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("APEX_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("APEX_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -138,11 +139,23 @@ fn print_reply(reply: apex::client::Reply) -> anyhow::Result<ExitCode> {
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config, data, listen } => {
-            serve(ServeOptions { config, data, listen, key: shared_key() }).await?;
+        Command::Serve {
+            config,
+            data,
+            listen,
+        } => {
+            serve(ServeOptions {
+                config,
+                data,
+                listen,
+                key: shared_key(),
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy { command: PolicyCommand::Check { path, data } } => {
+        Command::Policy {
+            command: PolicyCommand::Check { path, data },
+        } => {
             let data = std::path::absolute(&data)?;
             let policy = apex::server::load_policy(&path, &data)?;
             print!("{}", policy.describe());
@@ -152,11 +165,17 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", apex::auth::generate_key());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sign { method, target, body_file, body } => {
+        Command::Sign {
+            method,
+            target,
+            body_file,
+            body,
+        } => {
             let key = shared_key();
             apex::server::check_key(&key)?;
             let body = match (body_file, body) {
-                (Some(path), _) => std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+                (Some(path), _) => std::fs::read(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
                 (None, Some(text)) => text.into_bytes(),
                 (None, None) => Vec::new(),
             };
@@ -167,13 +186,17 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload { name, file } => {
-            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let reply = client()?.send(Method::PUT, &format!("/v1/plugins/{name}"), wasm).await?;
+            let wasm =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let reply = client()?
+                .send(Method::PUT, &format!("/v1/plugins/{name}"), wasm)
+                .await?;
             print_reply(reply)
         }
         Command::Run { name, input, args } => {
             let input: Value = match input {
-                Some(text) => serde_json::from_str(&text).with_context(|| format!("--input is not valid JSON: {text}"))?,
+                Some(text) => serde_json::from_str(&text)
+                    .with_context(|| format!("--input is not valid JSON: {text}"))?,
                 None => Value::Null,
             };
             let mut body = json!({ "input": input });
@@ -181,15 +204,25 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 body["args"] = json!(args);
             }
             let reply = client()?
-                .send(Method::POST, &format!("/v1/plugins/{name}/run"), serde_json::to_vec(&body)?)
+                .send(
+                    Method::POST,
+                    &format!("/v1/plugins/{name}/run"),
+                    serde_json::to_vec(&body)?,
+                )
                 .await?;
             let succeeded = reply.body.get("status").and_then(Value::as_str) == Some("succeeded");
             let code = print_reply(reply)?;
             Ok(if succeeded { code } else { ExitCode::FAILURE })
         }
-        Command::Plugins => print_reply(client()?.send(Method::GET, "/v1/plugins", Vec::new()).await?),
-        Command::Delete { name } => {
-            print_reply(client()?.send(Method::DELETE, &format!("/v1/plugins/{name}"), Vec::new()).await?)
-        }
+        Command::Plugins => print_reply(
+            client()?
+                .send(Method::GET, "/v1/plugins", Vec::new())
+                .await?,
+        ),
+        Command::Delete { name } => print_reply(
+            client()?
+                .send(Method::DELETE, &format!("/v1/plugins/{name}"), Vec::new())
+                .await?,
+        ),
     }
 }

@@ -251,7 +251,10 @@ impl Policy {
         let base = source.parent().unwrap_or(Path::new("/"));
 
         checker.check_strings("shell_allow", &raw.shell_allow)?;
-        checker.check_strings("network.http_allow_domains", &raw.network.http_allow_domains)?;
+        checker.check_strings(
+            "network.http_allow_domains",
+            &raw.network.http_allow_domains,
+        )?;
         let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
         checker.check_protected(&paths_allow, protected)?;
 
@@ -270,14 +273,22 @@ impl Policy {
     /// `apex policy check` and the startup log.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        out.push_str(&format!("policy {} (sha256 {})\n", self.source.display(), self.sha256));
+        out.push_str(&format!(
+            "policy {} (sha256 {})\n",
+            self.source.display(),
+            self.sha256
+        ));
 
         out.push_str("directories (preopened under the same path):\n");
         if self.paths_allow.is_empty() {
             out.push_str("  none\n");
         }
         for allowed in &self.paths_allow {
-            out.push_str(&format!("  {} ({})\n", allowed.path.display(), allowed.mode));
+            out.push_str(&format!(
+                "  {} ({})\n",
+                allowed.path.display(),
+                allowed.mode
+            ));
         }
 
         out.push_str("outgoing HTTP hosts:\n");
@@ -347,7 +358,11 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn resolve_paths(&self, base: &Path, raw: &[serde_yaml_ng::Value]) -> Result<Vec<AllowedPath>, PolicyError> {
+    fn resolve_paths(
+        &self,
+        base: &Path,
+        raw: &[serde_yaml_ng::Value],
+    ) -> Result<Vec<AllowedPath>, PolicyError> {
         let mut resolved: Vec<AllowedPath> = Vec::new();
 
         for (index, entry) in raw.iter().enumerate() {
@@ -356,16 +371,23 @@ impl Checker<'_> {
             let (written, mode) = match entry {
                 serde_yaml_ng::Value::String(path) => (path.clone(), PathMode::Rw),
                 serde_yaml_ng::Value::Mapping(_) => {
-                    let entry: RawPathEntry = serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
-                        self.error(&key, format!("{e}; expected a path or {{path: DIR, mode: rw|ro}}"))
-                    })?;
+                    let entry: RawPathEntry =
+                        serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
+                            self.error(
+                                &key,
+                                format!("{e}; expected a path or {{path: DIR, mode: rw|ro}}"),
+                            )
+                        })?;
                     (entry.path, entry.mode)
                 }
                 _ => return Err(self.error(key, "expected a path or {path: DIR, mode: rw|ro}")),
             };
             let written = written.as_str();
             if written.trim().is_empty() {
-                return Err(self.error(key, "empty path; remove the entry (an empty list grants nothing)"));
+                return Err(self.error(
+                    key,
+                    "empty path; remove the entry (an empty list grants nothing)",
+                ));
             }
 
             let joined = base.join(written);
@@ -379,18 +401,33 @@ impl Checker<'_> {
                 )
             })?;
             if !path.is_dir() {
-                return Err(self.error(key, format!("{written:?} ({}) is not a directory", path.display())));
+                return Err(self.error(
+                    key,
+                    format!("{written:?} ({}) is not a directory", path.display()),
+                ));
             }
             if path.to_str().is_none() {
-                return Err(self.error(key, format!("{} is not valid UTF-8, which WASI paths require", path.display())));
+                return Err(self.error(
+                    key,
+                    format!(
+                        "{} is not valid UTF-8, which WASI paths require",
+                        path.display()
+                    ),
+                ));
             }
             if path == Path::new("/") {
-                return Err(self.error(key, "the root directory would expose the whole host; allow a narrower directory"));
+                return Err(self.error(
+                    key,
+                    "the root directory would expose the whole host; allow a narrower directory",
+                ));
             }
             if let Some(earlier) = resolved.iter().position(|p| p.path == path) {
                 return Err(self.error(
                     key,
-                    format!("{written:?} is the same directory as paths_allow[{earlier}] ({})", path.display()),
+                    format!(
+                        "{written:?} is the same directory as paths_allow[{earlier}] ({})",
+                        path.display()
+                    ),
                 ));
             }
 
@@ -399,8 +436,13 @@ impl Checker<'_> {
         Ok(resolved)
     }
 
-    fn check_protected(&self, allowed: &[AllowedPath], protected: &ProtectedPaths) -> Result<(), PolicyError> {
-        let mut trusted: Vec<(&str, PathBuf)> = vec![("the policy file", self.source.to_path_buf())];
+    fn check_protected(
+        &self,
+        allowed: &[AllowedPath],
+        protected: &ProtectedPaths,
+    ) -> Result<(), PolicyError> {
+        let mut trusted: Vec<(&str, PathBuf)> =
+            vec![("the policy file", self.source.to_path_buf())];
         if let Some(data_dir) = &protected.data_dir {
             trusted.push(("the data directory", canonical_or_self(data_dir)));
         }
@@ -425,10 +467,18 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn seconds(&self, key: &str, value: Option<u64>, default: u64) -> Result<Duration, PolicyError> {
+    fn seconds(
+        &self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+    ) -> Result<Duration, PolicyError> {
         let seconds = value.unwrap_or(default);
         if seconds == 0 || seconds > MAX_SECONDS {
-            return Err(self.error(key, format!("{seconds} is out of range; use 1 to {MAX_SECONDS} seconds")));
+            return Err(self.error(
+                key,
+                format!("{seconds} is out of range; use 1 to {MAX_SECONDS} seconds"),
+            ));
         }
         Ok(Duration::from_secs(seconds))
     }
@@ -445,29 +495,80 @@ impl Checker<'_> {
             }
             (task, python) => task.or(python),
         };
-        let task_key = if raw.task_seconds.is_some() { "timeouts.task_seconds" } else { "timeouts.python_seconds" };
+        let task_key = if raw.task_seconds.is_some() {
+            "timeouts.task_seconds"
+        } else {
+            "timeouts.python_seconds"
+        };
 
         Ok(Timeouts {
             task: self.seconds(task_key, task, DEFAULT_TASK_SECONDS)?,
-            shell: self.seconds("timeouts.shell_seconds", raw.shell_seconds, DEFAULT_SHELL_SECONDS)?,
-            http: self.seconds("timeouts.http_seconds", raw.http_seconds, DEFAULT_HTTP_SECONDS)?,
+            shell: self.seconds(
+                "timeouts.shell_seconds",
+                raw.shell_seconds,
+                DEFAULT_SHELL_SECONDS,
+            )?,
+            http: self.seconds(
+                "timeouts.http_seconds",
+                raw.http_seconds,
+                DEFAULT_HTTP_SECONDS,
+            )?,
         })
     }
 
-    fn sized(&self, key: &str, value: Option<u64>, default: u64, max: u64, unit_shift: u32, unit: &str) -> Result<usize, PolicyError> {
+    fn sized(
+        &self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+        max: u64,
+        unit_shift: u32,
+        unit: &str,
+    ) -> Result<usize, PolicyError> {
         let amount = value.unwrap_or(default);
         if amount == 0 || amount > max {
-            return Err(self.error(key, format!("{amount} is out of range; use 1 to {max} {unit}")));
+            return Err(self.error(
+                key,
+                format!("{amount} is out of range; use 1 to {max} {unit}"),
+            ));
         }
         Ok((amount << unit_shift) as usize)
     }
 
     fn limits(&self, raw: &RawLimits) -> Result<Limits, PolicyError> {
         Ok(Limits {
-            memory_bytes: self.sized("limits.memory_mib", raw.memory_mib, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB, 20, "MiB")?,
-            upload_bytes: self.sized("limits.upload_mib", raw.upload_mib, DEFAULT_UPLOAD_MIB, MAX_UPLOAD_MIB, 20, "MiB")?,
-            input_bytes: self.sized("limits.input_kib", raw.input_kib, DEFAULT_INPUT_KIB, MAX_INPUT_KIB, 10, "KiB")?,
-            output_bytes: self.sized("limits.output_kib", raw.output_kib, DEFAULT_OUTPUT_KIB, MAX_OUTPUT_KIB, 10, "KiB")?,
+            memory_bytes: self.sized(
+                "limits.memory_mib",
+                raw.memory_mib,
+                DEFAULT_MEMORY_MIB,
+                MAX_MEMORY_MIB,
+                20,
+                "MiB",
+            )?,
+            upload_bytes: self.sized(
+                "limits.upload_mib",
+                raw.upload_mib,
+                DEFAULT_UPLOAD_MIB,
+                MAX_UPLOAD_MIB,
+                20,
+                "MiB",
+            )?,
+            input_bytes: self.sized(
+                "limits.input_kib",
+                raw.input_kib,
+                DEFAULT_INPUT_KIB,
+                MAX_INPUT_KIB,
+                10,
+                "KiB",
+            )?,
+            output_bytes: self.sized(
+                "limits.output_kib",
+                raw.output_kib,
+                DEFAULT_OUTPUT_KIB,
+                MAX_OUTPUT_KIB,
+                10,
+                "KiB",
+            )?,
         })
     }
 }

@@ -56,7 +56,9 @@ impl Registry {
 
         let records = {
             let store = registry.store.clone();
-            tokio::task::spawn_blocking(move || store.list()).await.map_err(std::io::Error::other)??
+            tokio::task::spawn_blocking(move || store.list())
+                .await
+                .map_err(std::io::Error::other)??
         };
         for record in records {
             let name = record.name.clone();
@@ -65,7 +67,9 @@ impl Registry {
                     tracing::info!(plugin = %name, sha256 = %plugin.record.sha256, "loaded plugin");
                     registry.insert(plugin);
                 }
-                Err(e) => tracing::error!(plugin = %name, error = %e, "cannot load stored plugin; it stays on disk but cannot run"),
+                Err(e) => {
+                    tracing::error!(plugin = %name, error = %e, "cannot load stored plugin; it stays on disk but cannot run")
+                }
             }
         }
         Ok(registry)
@@ -91,7 +95,11 @@ impl Registry {
 
     /// Returns the plugin called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
-        self.plugins.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Returns the records of all plugins, sorted by name.
@@ -109,10 +117,18 @@ impl Registry {
     ///
     /// [`UploadError::Compile`] when the component is unusable,
     /// [`UploadError::Host`] when the server fails to store it.
-    pub async fn upload(&self, name: &str, wasm: bytes::Bytes) -> Result<PluginRecord, UploadError> {
+    pub async fn upload(
+        &self,
+        name: &str,
+        wasm: bytes::Bytes,
+    ) -> Result<PluginRecord, UploadError> {
         let engine = self.engine.clone();
         let compiled = {
-            let _permit = self.compiles.acquire().await.map_err(|e| UploadError::Host(e.to_string()))?;
+            let _permit = self
+                .compiles
+                .acquire()
+                .await
+                .map_err(|e| UploadError::Host(e.to_string()))?;
             let wasm = wasm.clone();
             tokio::task::spawn_blocking(move || engine.compile(&wasm))
                 .await
@@ -137,7 +153,10 @@ impl Registry {
             .map_err(|e| UploadError::Host(e.to_string()))?
             .map_err(|e| UploadError::Host(format!("cannot store the plugin: {e}")))?;
 
-        self.insert(LoadedPlugin { record: record.clone(), compiled });
+        self.insert(LoadedPlugin {
+            record: record.clone(),
+            compiled,
+        });
         Ok(record)
     }
 
@@ -154,7 +173,15 @@ impl Registry {
             .await
             .map_err(std::io::Error::other)??;
 
-        let removed = self.plugins.write().unwrap_or_else(|e| e.into_inner()).remove(name);
-        Ok(if existed { removed.map(|p| p.record.clone()) } else { None })
+        let removed = self
+            .plugins
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        Ok(if existed {
+            removed.map(|p| p.record.clone())
+        } else {
+            None
+        })
     }
 }

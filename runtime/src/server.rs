@@ -35,7 +35,9 @@ pub struct ServeOptions {
 /// Fails when the key is empty or shorter than [`MIN_KEY_BYTES`].
 pub fn check_key(key: &str) -> anyhow::Result<()> {
     if key.is_empty() {
-        anyhow::bail!("APEX_SHARED_KEY is not set; generate a key with `apex keygen` and export it as APEX_SHARED_KEY");
+        anyhow::bail!(
+            "APEX_SHARED_KEY is not set; generate a key with `apex keygen` and export it as APEX_SHARED_KEY"
+        );
     }
     if key.len() < MIN_KEY_BYTES {
         anyhow::bail!(
@@ -52,7 +54,10 @@ pub fn check_key(key: &str) -> anyhow::Result<()> {
 ///
 /// Returns the policy error, which names the key and value at fault.
 pub fn load_policy(config: &std::path::Path, data: &std::path::Path) -> anyhow::Result<Policy> {
-    let mut protected = ProtectedPaths { data_dir: Some(data.to_path_buf()), files: Vec::new() };
+    let mut protected = ProtectedPaths {
+        data_dir: Some(data.to_path_buf()),
+        files: Vec::new(),
+    };
     let dotenv = std::path::Path::new(".env");
     if dotenv.exists() {
         protected.files.push(std::path::absolute(dotenv)?);
@@ -70,7 +75,8 @@ pub fn load_policy(config: &std::path::Path, data: &std::path::Path) -> anyhow::
 /// Fails when the key, policy, data directory or listen address is unusable.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     check_key(&options.key)?;
-    create_private_dir(&options.data).with_context(|| format!("cannot use data directory {}", options.data.display()))?;
+    create_private_dir(&options.data)
+        .with_context(|| format!("cannot use data directory {}", options.data.display()))?;
     let data = options.data.canonicalize()?;
 
     let policy = load_policy(&options.config, &data)?;
@@ -79,8 +85,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     }
 
     let engine = Arc::new(Engine::new().context("cannot start the WebAssembly engine")?);
-    let store = Arc::new(PluginStore::open(&data).with_context(|| format!("cannot open the plugin store in {}", data.display()))?);
-    let audit = AuditLog::open(&data).with_context(|| format!("cannot open the audit log in {}", data.display()))?;
+    let store = Arc::new(
+        PluginStore::open(&data)
+            .with_context(|| format!("cannot open the plugin store in {}", data.display()))?,
+    );
+    let audit = AuditLog::open(&data)
+        .with_context(|| format!("cannot open the audit log in {}", data.display()))?;
     let registry = Registry::load(engine.clone(), store).await?;
 
     let listener = tokio::net::TcpListener::bind(&options.listen)
@@ -91,15 +101,29 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         tracing::warn!(address = %local, "listening on a non-loopback address without TLS; put the API behind HTTPS");
     }
 
-    audit.record("policy_load", json!({ "path": policy.source, "sha256": policy.sha256 }));
-    audit.record("server_start", json!({ "listen": local.to_string(), "plugins": registry.records().len() }));
-    let state = Arc::new(AppState { engine, policy, registry, verifier: Verifier::new(options.key.into_bytes()), audit });
+    audit.record(
+        "policy_load",
+        json!({ "path": policy.source, "sha256": policy.sha256 }),
+    );
+    audit.record(
+        "server_start",
+        json!({ "listen": local.to_string(), "plugins": registry.records().len() }),
+    );
+    let state = Arc::new(AppState {
+        engine,
+        policy,
+        registry,
+        verifier: Verifier::new(options.key.into_bytes()),
+        audit,
+    });
 
     println!("apex listening on http://{local}");
     tracing::info!(address = %local, data = %data.display(), "server started");
 
     let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
 
     state.audit.record("server_stop", json!({}));
     tracing::info!("server stopped");

@@ -47,7 +47,9 @@ pub fn is_valid_name(name: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 63
         && matches!(bytes[0], b'a'..=b'z' | b'0'..=b'9')
-        && bytes.iter().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+        && bytes
+            .iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
 }
 
 /// The plugin directory of a data directory.
@@ -73,7 +75,11 @@ impl PluginStore {
 
         let plugins = Dir::open_ambient_dir(data_dir.join(PLUGINS_DIR), ambient_authority())?;
         let blobs = plugins.open_dir(BLOBS_DIR)?;
-        let store = PluginStore { plugins, blobs, changes: Mutex::new(()) };
+        let store = PluginStore {
+            plugins,
+            blobs,
+            changes: Mutex::new(()),
+        };
         store.remove_unreferenced_blobs()?;
         Ok(store)
     }
@@ -97,7 +103,9 @@ impl PluginStore {
             }
             match self.read_record(name) {
                 Ok(record) => records.push(record),
-                Err(e) => tracing::warn!(plugin = name, error = %e, "skipping unreadable plugin record"),
+                Err(e) => {
+                    tracing::warn!(plugin = name, error = %e, "skipping unreadable plugin record")
+                }
             }
         }
         records.sort_by(|a, b| a.name.cmp(&b.name));
@@ -108,7 +116,10 @@ impl PluginStore {
         let text = self.plugins.read(format!("{name}.json"))?;
         let record: PluginRecord = serde_json::from_slice(&text).map_err(io::Error::other)?;
         if record.name != name {
-            return Err(io::Error::other(format!("record names plugin {:?}", record.name)));
+            return Err(io::Error::other(format!(
+                "record names plugin {:?}",
+                record.name
+            )));
         }
         Ok(record)
     }
@@ -120,7 +131,9 @@ impl PluginStore {
     /// Fails when the blob is missing or its digest does not match the record.
     pub fn read_wasm(&self, record: &PluginRecord) -> io::Result<Vec<u8>> {
         let mut bytes = Vec::new();
-        self.blobs.open(blob_name(&record.sha256))?.read_to_end(&mut bytes)?;
+        self.blobs
+            .open(blob_name(&record.sha256))?
+            .read_to_end(&mut bytes)?;
         let digest = crate::auth::sha256_hex(&bytes);
         if digest != record.sha256 {
             return Err(io::Error::other(format!(
@@ -161,15 +174,19 @@ impl PluginStore {
     }
 
     fn remove_unreferenced_blobs(&self) -> io::Result<()> {
-        let referenced: Vec<String> = self.list()?.into_iter().map(|r| blob_name(&r.sha256)).collect();
+        let referenced: Vec<String> = self
+            .list()?
+            .into_iter()
+            .map(|r| blob_name(&r.sha256))
+            .collect();
         for entry in self.blobs.entries()? {
             let entry = entry?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if !referenced.iter().any(|r| r == name) {
-                if let Err(e) = self.blobs.remove_file(name) {
-                    tracing::warn!(file = name, error = %e, "cannot remove unreferenced plugin blob");
-                }
+            if !referenced.iter().any(|r| r == name)
+                && let Err(e) = self.blobs.remove_file(name)
+            {
+                tracing::warn!(file = name, error = %e, "cannot remove unreferenced plugin blob");
             }
         }
         Ok(())
@@ -205,7 +222,10 @@ pub fn create_private_dir(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
         }
-        Err(e) => Err(io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot create {}: {e}", path.display()),
+        )),
     }
 }
 
@@ -228,7 +248,18 @@ mod tests {
         for good in ["a", "0", "hello", "git-sync", "a_b", &"a".repeat(63)] {
             assert!(is_valid_name(good), "{good:?}");
         }
-        for bad in ["", "-a", "_a", "A", "a/b", "a.b", "..", "a b", "é", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "_a",
+            "A",
+            "a/b",
+            "a.b",
+            "..",
+            "a b",
+            "é",
+            &"a".repeat(64),
+        ] {
             assert!(!is_valid_name(bad), "{bad:?}");
         }
     }
@@ -244,7 +275,9 @@ mod tests {
         assert_eq!(records, vec![record("p", b"two")]);
         assert_eq!(store.read_wasm(&records[0]).unwrap(), b"two");
 
-        let blobs = std::fs::read_dir(dir.path().join("plugins/blobs")).unwrap().count();
+        let blobs = std::fs::read_dir(dir.path().join("plugins/blobs"))
+            .unwrap()
+            .count();
         assert_eq!(blobs, 1, "the replaced blob is removed");
 
         assert!(store.delete("p").unwrap());
@@ -259,7 +292,13 @@ mod tests {
         let rec = record("p", b"one");
         store.save(&rec, b"one").unwrap();
 
-        std::fs::write(dir.path().join("plugins/blobs").join(blob_name(&rec.sha256)), b"evil").unwrap();
+        std::fs::write(
+            dir.path()
+                .join("plugins/blobs")
+                .join(blob_name(&rec.sha256)),
+            b"evil",
+        )
+        .unwrap();
         let error = store.read_wasm(&rec).unwrap_err();
         assert!(error.to_string().contains("altered"), "{error}");
     }

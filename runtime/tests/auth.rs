@@ -8,12 +8,23 @@ use serde_json::Value;
 /// Asserts a 401 with `code`, and that the message leaks no secret.
 fn assert_rejected(server: &TestServer, request: &Request, code: &str) {
     let response = server.send(request);
-    assert_eq!(response.status, 401, "{code}: {}", String::from_utf8_lossy(&response.body));
+    assert_eq!(
+        response.status,
+        401,
+        "{code}: {}",
+        String::from_utf8_lossy(&response.body)
+    );
     assert_eq!(response.error_code(), code);
     let body = String::from_utf8_lossy(&response.body);
-    assert!(!body.contains(common::KEY), "the error body must not echo the key");
+    assert!(
+        !body.contains(common::KEY),
+        "the error body must not echo the key"
+    );
     if let Some(sig) = request.find_header("X-SIG") {
-        assert!(!body.contains(&sig), "the error body must not echo the signature");
+        assert!(
+            !body.contains(&sig),
+            "the error body must not echo the signature"
+        );
     }
 }
 
@@ -33,7 +44,12 @@ fn healthz_needs_no_signature() {
 fn signed_request_is_accepted() {
     let server = TestServer::start();
     let response = server.send(&list().signed());
-    assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
     assert_eq!(response.json()["plugins"], serde_json::json!([]));
 }
 
@@ -41,14 +57,26 @@ fn signed_request_is_accepted() {
 fn missing_headers_rejected() {
     let server = TestServer::start();
     assert_rejected(&server, &list(), "missing_header");
-    assert_rejected(&server, &list().signed().without_header("X-TS"), "missing_header");
-    assert_rejected(&server, &list().signed().without_header("X-SIG"), "missing_header");
+    assert_rejected(
+        &server,
+        &list().signed().without_header("X-TS"),
+        "missing_header",
+    );
+    assert_rejected(
+        &server,
+        &list().signed().without_header("X-SIG"),
+        "missing_header",
+    );
 }
 
 #[test]
 fn unknown_route_requires_signature() {
     let server = TestServer::start();
-    assert_rejected(&server, &Request::new("GET", "/v1/nothing", ""), "missing_header");
+    assert_rejected(
+        &server,
+        &Request::new("GET", "/v1/nothing", ""),
+        "missing_header",
+    );
     let response = server.send(&Request::new("GET", "/v1/nothing", "").signed());
     assert_eq!(response.status, 404);
 }
@@ -58,11 +86,23 @@ fn repeated_headers_rejected() {
     let server = TestServer::start();
     let request = list().signed();
     let ts = request.get_header("X-TS");
-    assert_rejected(&server, &request.clone().header("X-TS", &ts), "repeated_header");
+    assert_rejected(
+        &server,
+        &request.clone().header("X-TS", &ts),
+        "repeated_header",
+    );
 
     let sig = request.get_header("X-SIG");
-    assert_rejected(&server, &list().signed().header("X-SIG", &sig), "repeated_header");
-    assert_rejected(&server, &list().signed().header("X-Nonce", "other"), "repeated_header");
+    assert_rejected(
+        &server,
+        &list().signed().header("X-SIG", &sig),
+        "repeated_header",
+    );
+    assert_rejected(
+        &server,
+        &list().signed().header("X-Nonce", "other"),
+        "repeated_header",
+    );
 }
 
 #[test]
@@ -83,7 +123,10 @@ fn malformed_timestamps_rejected() {
         let nonce = apex::auth::generate_nonce();
         let text = apex::auth::string_to_sign(&bad, "GET", "/v1/plugins", &nonce, b"");
         let sig = apex::auth::sign(common::KEY.as_bytes(), &text);
-        let request = list().header("X-TS", &bad).header("X-Nonce", &nonce).header("X-SIG", &sig);
+        let request = list()
+            .header("X-TS", &bad)
+            .header("X-Nonce", &nonce)
+            .header("X-SIG", &sig);
         assert_rejected(&server, &request, "invalid_timestamp");
     }
 }
@@ -106,17 +149,39 @@ fn bad_signatures_rejected() {
     let request = list().signed();
     let sig = request.get_header("X-SIG");
 
-    assert_rejected(&server, &request.clone().set_header("X-SIG", &sig.to_ascii_uppercase()), "bad_signature");
-    assert_rejected(&server, &request.clone().set_header("X-SIG", &sig[..62]), "bad_signature");
-    assert_rejected(&server, &request.clone().set_header("X-SIG", &"0".repeat(64)), "bad_signature");
-    assert_rejected(&server, &request.clone().set_header("X-SIG", "not hex at all"), "bad_signature");
+    assert_rejected(
+        &server,
+        &request
+            .clone()
+            .set_header("X-SIG", &sig.to_ascii_uppercase()),
+        "bad_signature",
+    );
+    assert_rejected(
+        &server,
+        &request.clone().set_header("X-SIG", &sig[..62]),
+        "bad_signature",
+    );
+    assert_rejected(
+        &server,
+        &request.clone().set_header("X-SIG", &"0".repeat(64)),
+        "bad_signature",
+    );
+    assert_rejected(
+        &server,
+        &request.clone().set_header("X-SIG", "not hex at all"),
+        "bad_signature",
+    );
 
     // A signature made with another key.
     let ts = request.get_header("X-TS");
     let nonce = request.get_header("X-Nonce");
     let text = apex::auth::string_to_sign(&ts, "GET", "/v1/plugins", &nonce, b"");
     let forged = apex::auth::sign(b"another key of at least thirty-two bytes", &text);
-    assert_rejected(&server, &request.set_header("X-SIG", &forged), "bad_signature");
+    assert_rejected(
+        &server,
+        &request.set_header("X-SIG", &forged),
+        "bad_signature",
+    );
 }
 
 #[test]
@@ -124,7 +189,12 @@ fn changes_after_signing_rejected() {
     let server = TestServer::start();
     server.upload_plugin("hello");
 
-    let run = Request::new("POST", "/v1/plugins/hello/run", r#"{"input":{"name":"Ada"}}"#).signed();
+    let run = Request::new(
+        "POST",
+        "/v1/plugins/hello/run",
+        r#"{"input":{"name":"Ada"}}"#,
+    )
+    .signed();
 
     let mut body_changed = run.clone();
     body_changed.body = br#"{"input":{"name":"Eve"}}"#.to_vec();
@@ -142,11 +212,23 @@ fn changes_after_signing_rejected() {
     query_added.target = "/v1/plugins/hello/run?x=1".into();
     assert_rejected(&server, &query_added, "bad_signature");
 
-    assert_rejected(&server, &run.clone().set_header("X-Nonce", "other-nonce"), "bad_signature");
-    assert_rejected(&server, &run.clone().without_header("X-Nonce"), "bad_signature");
+    assert_rejected(
+        &server,
+        &run.clone().set_header("X-Nonce", "other-nonce"),
+        "bad_signature",
+    );
+    assert_rejected(
+        &server,
+        &run.clone().without_header("X-Nonce"),
+        "bad_signature",
+    );
 
     let ts: u64 = run.get_header("X-TS").parse().unwrap();
-    assert_rejected(&server, &run.clone().set_header("X-TS", &(ts + 1).to_string()), "bad_signature");
+    assert_rejected(
+        &server,
+        &run.clone().set_header("X-TS", &(ts + 1).to_string()),
+        "bad_signature",
+    );
 
     // The untouched request still goes through.
     assert_eq!(server.send(&run).status, 200);
@@ -177,9 +259,18 @@ fn replay_of_rejected_request_still_rejected() {
 #[test]
 fn targets_signed_as_sent() {
     let server = TestServer::start();
-    for target in ["/v1/plugins?", "/v1/plugins?name=caf%C3%A9&x=%2F", "/v1/plugins?a=1&a=2"] {
+    for target in [
+        "/v1/plugins?",
+        "/v1/plugins?name=caf%C3%A9&x=%2F",
+        "/v1/plugins?a=1&a=2",
+    ] {
         let response = server.send(&Request::new("GET", target, "").signed());
-        assert_eq!(response.status, 200, "{target}: {}", String::from_utf8_lossy(&response.body));
+        assert_eq!(
+            response.status,
+            200,
+            "{target}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
     }
 
     // Percent-encoding differently from what was signed breaks the signature.
@@ -192,7 +283,10 @@ fn targets_signed_as_sent() {
 fn binary_body_signed() {
     let server = TestServer::start();
     let wasm = std::fs::read(common::plugin("hello")).unwrap();
-    assert!(wasm.iter().any(|&b| b >= 0x80), "the component has non-UTF-8 bytes");
+    assert!(
+        wasm.iter().any(|&b| b >= 0x80),
+        "the component has non-UTF-8 bytes"
+    );
     assert_eq!(server.upload("hello", &wasm).status, 201);
 }
 
@@ -200,9 +294,17 @@ fn binary_body_signed() {
 fn failures_logged_and_audited() {
     let server = TestServer::start();
     assert_rejected(&server, &list(), "missing_header");
-    assert_rejected(&server, &list().signed_at(apex::unix_now() - 1000), "stale_timestamp");
+    assert_rejected(
+        &server,
+        &list().signed_at(apex::unix_now() - 1000),
+        "stale_timestamp",
+    );
     let request = list().signed();
-    assert_rejected(&server, &request.clone().set_header("X-SIG", &"a".repeat(64)), "bad_signature");
+    assert_rejected(
+        &server,
+        &request.clone().set_header("X-SIG", &"a".repeat(64)),
+        "bad_signature",
+    );
     server.send(&request);
     assert_rejected(&server, &request, "replay");
 
@@ -211,16 +313,33 @@ fn failures_logged_and_audited() {
         .iter()
         .filter(|e| e["kind"] == "auth_failure")
         .map(|e| {
-            assert!(e["remote"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
+            assert!(
+                e["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+                "{e}"
+            );
             e["check"].as_str().unwrap().to_string()
         })
         .collect();
-    assert_eq!(checks, ["missing_header", "stale_timestamp", "bad_signature", "replay"]);
+    assert_eq!(
+        checks,
+        [
+            "missing_header",
+            "stale_timestamp",
+            "bad_signature",
+            "replay"
+        ]
+    );
 
     let log = server.log();
     assert_eq!(log.matches("authentication failed").count(), 4, "{log}");
-    assert!(log.contains("127.0.0.1:"), "the log names the remote address");
-    assert!(!log.contains(common::KEY), "the log must not contain the key");
+    assert!(
+        log.contains("127.0.0.1:"),
+        "the log names the remote address"
+    );
+    assert!(
+        !log.contains(common::KEY),
+        "the log must not contain the key"
+    );
 }
 
 #[test]
@@ -229,10 +348,21 @@ fn serve_rejects_short_or_missing_key() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
 
-    for (key, expected) in [(None, "APEX_SHARED_KEY is not set"), (Some("short"), "at least 32")] {
+    for (key, expected) in [
+        (None, "APEX_SHARED_KEY is not set"),
+        (Some("short"), "at least 32"),
+    ] {
         let mut command = std::process::Command::new(binary);
         command
-            .args(["serve", "--config", "policy.yaml", "--data", "data", "--listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--config",
+                "policy.yaml",
+                "--data",
+                "data",
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .current_dir(dir.path())
             .env_remove("APEX_SHARED_KEY");
         if let Some(key) = key {
@@ -248,14 +378,24 @@ fn serve_rejects_short_or_missing_key() {
 
 #[test]
 fn keygen_output_is_a_usable_key() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex")).arg("keygen").output().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .arg("keygen")
+        .output()
+        .unwrap();
     let key = String::from_utf8(output.stdout).unwrap();
     let key = key.trim();
     assert!(key.len() >= 32, "{key}");
     assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
 
-    let again = std::process::Command::new(env!("CARGO_BIN_EXE_apex")).arg("keygen").output().unwrap();
-    assert_ne!(String::from_utf8(again.stdout).unwrap().trim(), key, "keys are random");
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .arg("keygen")
+        .output()
+        .unwrap();
+    assert_ne!(
+        String::from_utf8(again.stdout).unwrap().trim(),
+        key,
+        "keys are random"
+    );
 }
 
 #[test]
@@ -274,6 +414,11 @@ fn sign_command_matches_server() {
         request = request.header(name, value);
     }
     let response = server.send(&request);
-    assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
     let _: Value = response.json();
 }

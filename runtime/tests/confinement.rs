@@ -14,7 +14,10 @@ fn probe(server: &TestServer, input: Value) -> Value {
 }
 
 fn assert_denied(result: &Value, what: &str) {
-    assert_eq!(result["status"], "failed", "{what} must be denied: {result}");
+    assert_eq!(
+        result["status"], "failed",
+        "{what} must be denied: {result}"
+    );
 }
 
 fn server_with_probe() -> TestServer {
@@ -27,7 +30,10 @@ fn server_with_probe() -> TestServer {
 fn allowed_directory_readable_and_writable() {
     let server = server_with_probe();
     let file = server.work().join("out.txt");
-    let result = probe(&server, json!({ "op": "write", "path": file, "text": "written by a task" }));
+    let result = probe(
+        &server,
+        json!({ "op": "write", "path": file, "text": "written by a task" }),
+    );
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "written by a task");
 
@@ -44,13 +50,22 @@ fn read_only_directory_not_writable() {
     let result = probe(&server, json!({ "op": "read", "path": ro.join("ref.txt") }));
     assert_eq!(result["output"], "reference", "{result}");
 
-    let result = probe(&server, json!({ "op": "write", "path": ro.join("new.txt"), "text": "x" }));
+    let result = probe(
+        &server,
+        json!({ "op": "write", "path": ro.join("new.txt"), "text": "x" }),
+    );
     assert_denied(&result, "writing into a read-only directory");
     assert!(!ro.join("new.txt").exists());
 
-    let result = probe(&server, json!({ "op": "write", "path": ro.join("ref.txt"), "text": "changed" }));
+    let result = probe(
+        &server,
+        json!({ "op": "write", "path": ro.join("ref.txt"), "text": "changed" }),
+    );
     assert_denied(&result, "overwriting a read-only file");
-    assert_eq!(std::fs::read_to_string(ro.join("ref.txt")).unwrap(), "reference");
+    assert_eq!(
+        std::fs::read_to_string(ro.join("ref.txt")).unwrap(),
+        "reference"
+    );
 }
 
 #[test]
@@ -79,7 +94,10 @@ fn paths_outside_allowed_denied() {
         assert!(!result.to_string().contains("top secret"));
     }
 
-    let result = probe(&server, json!({ "op": "write", "path": format!("{}/../escaped.txt", work.display()), "text": "x" }));
+    let result = probe(
+        &server,
+        json!({ "op": "write", "path": format!("{}/../escaped.txt", work.display()), "text": "x" }),
+    );
     assert_denied(&result, "writing through ..");
     assert!(!server.dir.path().join("escaped.txt").exists());
 
@@ -98,26 +116,41 @@ fn symlinks_out_of_allowed_denied() {
     std::os::unix::fs::symlink(server.dir.path(), work.join("link-to-dir")).unwrap();
     std::os::unix::fs::symlink("../secret.txt", work.join("relative-link")).unwrap();
 
-    for path in [work.join("link-to-file"), work.join("link-to-dir/secret.txt"), work.join("relative-link")] {
+    for path in [
+        work.join("link-to-file"),
+        work.join("link-to-dir/secret.txt"),
+        work.join("relative-link"),
+    ] {
         let result = probe(&server, json!({ "op": "read", "path": path }));
-        assert_denied(&result, &format!("reading through symlink {}", path.display()));
+        assert_denied(
+            &result,
+            &format!("reading through symlink {}", path.display()),
+        );
         assert!(!result.to_string().contains("top secret"));
     }
 
-    let result = probe(&server, json!({ "op": "write", "path": work.join("link-to-dir/planted.txt"), "text": "x" }));
+    let result = probe(
+        &server,
+        json!({ "op": "write", "path": work.join("link-to-dir/planted.txt"), "text": "x" }),
+    );
     assert_denied(&result, "writing through a symlinked directory");
     assert!(!server.dir.path().join("planted.txt").exists());
 
     // A symlink that stays inside the allowed directory works.
     std::fs::write(work.join("inside.txt"), "fine").unwrap();
     std::os::unix::fs::symlink("inside.txt", work.join("inside-link")).unwrap();
-    let result = probe(&server, json!({ "op": "read", "path": work.join("inside-link") }));
+    let result = probe(
+        &server,
+        json!({ "op": "read", "path": work.join("inside-link") }),
+    );
     assert_eq!(result["output"], "fine", "{result}");
 }
 
 #[test]
 fn empty_policy_grants_no_directory() {
-    let server = TestServer::start_with(Setup { policy: "paths_allow: []\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "paths_allow: []\n".into(),
+    });
     server.upload_plugin("probe");
     let work = server.work();
     std::fs::write(work.join("a.txt"), "data").unwrap();
@@ -130,7 +163,11 @@ fn environment_is_empty() {
     let server = server_with_probe();
     let result = probe(&server, json!({ "op": "env" }));
     assert_eq!(result["status"], "succeeded");
-    assert_eq!(result["output"], json!({}), "the server's environment, its key above all, never reaches a task");
+    assert_eq!(
+        result["output"],
+        json!({}),
+        "the server's environment, its key above all, never reaches a task"
+    );
     assert!(!result.to_string().contains(common::KEY));
 }
 
@@ -145,7 +182,10 @@ fn sockets_denied() {
         let result = probe(&server, json!({ "op": "connect", "addr": target }));
         assert_denied(&result, &format!("connecting to {target}"));
     }
-    assert!(listener.accept().is_err(), "no connection may reach the listener");
+    assert!(
+        listener.accept().is_err(),
+        "no connection may reach the listener"
+    );
 
     let result = probe(&server, json!({ "op": "resolve", "host": "localhost" }));
     assert_denied(&result, "name lookup");
@@ -153,13 +193,18 @@ fn sockets_denied() {
 
 #[test]
 fn infinite_loop_times_out_and_server_keeps_serving() {
-    let server = TestServer::start_with(Setup { policy: "timeouts: {task_seconds: 2}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "timeouts: {task_seconds: 2}\n".into(),
+    });
     server.upload_plugin("probe");
 
     let addr = server.addr.clone();
     let looping = std::thread::spawn(move || {
         let body = json!({ "input": { "op": "loop" } }).to_string();
-        common::send_raw(&addr, &Request::new("POST", "/v1/plugins/probe/run", body).signed())
+        common::send_raw(
+            &addr,
+            &Request::new("POST", "/v1/plugins/probe/run", body).signed(),
+        )
     });
 
     // While the task loops, the API answers promptly.
@@ -168,7 +213,11 @@ fn infinite_loop_times_out_and_server_keeps_serving() {
         let started = Instant::now();
         let response = server.send(&Request::new("GET", "/healthz", ""));
         assert_eq!(response.status, 200);
-        assert!(started.elapsed() < Duration::from_millis(500), "healthz took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "healthz took {:?}",
+            started.elapsed()
+        );
         let list = server.send(&Request::new("GET", "/v1/plugins", "").signed());
         assert_eq!(list.status, 200);
     }
@@ -176,28 +225,42 @@ fn infinite_loop_times_out_and_server_keeps_serving() {
     let response = looping.join().unwrap();
     let result = response.json();
     assert_eq!(result["status"], "timed_out", "{result}");
-    assert!(result["error"].as_str().unwrap().contains("2 s"), "{result}");
+    assert!(
+        result["error"].as_str().unwrap().contains("2 s"),
+        "{result}"
+    );
     let duration = result["duration_ms"].as_u64().unwrap();
     assert!((2000..4000).contains(&duration), "{duration} ms");
 }
 
 #[test]
 fn deadline_fires_inside_host_call() {
-    let server = TestServer::start_with(Setup { policy: "timeouts: {task_seconds: 1}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "timeouts: {task_seconds: 1}\n".into(),
+    });
     server.upload_plugin("probe");
 
     let started = Instant::now();
     let result = probe(&server, json!({ "op": "sleep", "ms": 60_000 }));
     assert_eq!(result["status"], "timed_out", "{result}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 
     let result = probe(&server, json!({ "op": "sleep", "ms": 10 }));
-    assert_eq!(result["status"], "succeeded", "a short sleep is within the deadline: {result}");
+    assert_eq!(
+        result["status"], "succeeded",
+        "a short sleep is within the deadline: {result}"
+    );
 }
 
 #[test]
 fn memory_limit_obeyed() {
-    let server = TestServer::start_with(Setup { policy: "limits: {memory_mib: 64}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {memory_mib: 64}\n".into(),
+    });
     server.upload_plugin("probe");
     let result = probe(&server, json!({ "op": "alloc", "mib": 16 }));
     assert_eq!(result["status"], "succeeded", "{result}");
@@ -206,7 +269,9 @@ fn memory_limit_obeyed() {
 
 #[test]
 fn memory_limit_violated() {
-    let server = TestServer::start_with(Setup { policy: "limits: {memory_mib: 64}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {memory_mib: 64}\n".into(),
+    });
     server.upload_plugin("probe");
     let result = probe(&server, json!({ "op": "alloc", "mib": 200 }));
     assert_eq!(result["status"], "failed", "{result}");
@@ -221,7 +286,9 @@ fn memory_limit_violated() {
 
 #[test]
 fn output_within_cap_kept_whole() {
-    let server = TestServer::start_with(Setup { policy: "limits: {output_kib: 4}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {output_kib: 4}\n".into(),
+    });
     server.upload_plugin("probe");
     let result = probe(&server, json!({ "op": "print", "bytes": 4096 }));
     assert_eq!(result["status"], "succeeded");
@@ -232,15 +299,26 @@ fn output_within_cap_kept_whole() {
 
 #[test]
 fn output_beyond_cap_truncated_and_flagged() {
-    let server = TestServer::start_with(Setup { policy: "limits: {output_kib: 4}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {output_kib: 4}\n".into(),
+    });
     server.upload_plugin("probe");
     let result = probe(&server, json!({ "op": "print", "bytes": 1_000_000 }));
-    assert_eq!(result["status"], "succeeded", "the task finishes its work: {result}");
+    assert_eq!(
+        result["status"], "succeeded",
+        "the task finishes its work: {result}"
+    );
     assert_eq!(result["stdout"].as_str().unwrap().len(), 4096);
     assert_eq!(result["stderr"].as_str().unwrap().len(), 4096);
     assert_eq!(result["stdout_truncated"], true);
     assert_eq!(result["stderr_truncated"], true);
-    assert!(result["warning"].as_str().unwrap().contains("1000000 bytes"), "{result}");
+    assert!(
+        result["warning"]
+            .as_str()
+            .unwrap()
+            .contains("1000000 bytes"),
+        "{result}"
+    );
 }
 
 #[test]

@@ -12,7 +12,13 @@ fn hello_greets_by_name() {
 
     let result = server.run("hello", json!({ "input": { "name": "Ada" } }));
     assert_eq!(result["status"], "succeeded", "{result}");
-    assert!(result["output"]["greeting"].as_str().unwrap().contains("Ada"), "{result}");
+    assert!(
+        result["output"]["greeting"]
+            .as_str()
+            .unwrap()
+            .contains("Ada"),
+        "{result}"
+    );
     assert!(result["duration_ms"].is_u64());
     assert_eq!(result["stdout"], "");
 }
@@ -28,7 +34,10 @@ fn wordcount_counts_work_directory() {
 
     let result = server.run("wordcount", json!({ "input": { "path": work } }));
     assert_eq!(result["status"], "succeeded", "{result}");
-    assert_eq!(result["output"], json!({ "files": 2, "lines": 3, "words": 6, "bytes": 28 }));
+    assert_eq!(
+        result["output"],
+        json!({ "files": 2, "lines": 3, "words": 6, "bytes": 28 })
+    );
 }
 
 #[test]
@@ -39,7 +48,10 @@ fn wordcount_outside_preopens_fails_cleanly() {
     for path in ["/etc", "/", "relative"] {
         let result = server.run("wordcount", json!({ "input": { "path": path } }));
         assert_eq!(result["status"], "failed", "{path}: {result}");
-        assert!(result["error"].as_str().unwrap().contains("cannot read"), "{path}: {result}");
+        assert!(
+            result["error"].as_str().unwrap().contains("cannot read"),
+            "{path}: {result}"
+        );
     }
 }
 
@@ -60,7 +72,10 @@ fn upload_returns_digest_size_and_kind() {
     assert_eq!(server.upload("echo-cli", &echo).json()["kind"], "command");
 
     let audit = server.audit();
-    let uploads: Vec<_> = audit.iter().filter(|e| e["kind"] == "plugin_upload").collect();
+    let uploads: Vec<_> = audit
+        .iter()
+        .filter(|e| e["kind"] == "plugin_upload")
+        .collect();
     assert_eq!(uploads.len(), 2);
     assert_eq!(uploads[0]["sha256"], record["sha256"]);
 }
@@ -71,8 +86,15 @@ fn list_show_and_delete() {
     server.upload_plugin("wordcount");
     server.upload_plugin("hello");
 
-    let list = server.send(&Request::new("GET", "/v1/plugins", "").signed()).json();
-    let names: Vec<&str> = list["plugins"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let list = server
+        .send(&Request::new("GET", "/v1/plugins", "").signed())
+        .json();
+    let names: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["hello", "wordcount"]);
 
     let show = server.send(&Request::new("GET", "/v1/plugins/hello", "").signed());
@@ -92,7 +114,12 @@ fn list_show_and_delete() {
         assert_eq!(response.status, 404, "{method} {target}");
         assert_eq!(response.error_code(), "plugin_not_found");
     }
-    assert!(server.audit().iter().any(|e| e["kind"] == "plugin_delete" && e["plugin"] == "hello"));
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "plugin_delete" && e["plugin"] == "hello")
+    );
 }
 
 #[test]
@@ -103,8 +130,14 @@ fn upload_replaces_existing_plugin() {
     assert_eq!(server.upload("hello", &probe).status, 201);
 
     let result = server.run("hello", json!({ "input": { "op": "echo" } }));
-    assert_eq!(result["output"], json!({ "op": "echo" }), "the new component runs under the old name");
-    let blobs = std::fs::read_dir(server.data().join("plugins/blobs")).unwrap().count();
+    assert_eq!(
+        result["output"],
+        json!({ "op": "echo" }),
+        "the new component runs under the old name"
+    );
+    let blobs = std::fs::read_dir(server.data().join("plugins/blobs"))
+        .unwrap()
+        .count();
     assert_eq!(blobs, 1, "the replaced component is removed from disk");
 }
 
@@ -112,7 +145,17 @@ fn upload_replaces_existing_plugin() {
 fn invalid_names_rejected() {
     let server = TestServer::start();
     let wasm = std::fs::read(common::plugin("hello")).unwrap();
-    for name in ["Hello", "-x", "_x", "a.b", "a%2Fb", "..", "%2E%2E", "a%20b", &"a".repeat(64)] {
+    for name in [
+        "Hello",
+        "-x",
+        "_x",
+        "a.b",
+        "a%2Fb",
+        "..",
+        "%2E%2E",
+        "a%20b",
+        &"a".repeat(64),
+    ] {
         let response = server.upload(name, &wasm);
         assert_eq!(response.status, 400, "{name}");
         assert_eq!(response.error_code(), "invalid_name", "{name}");
@@ -124,20 +167,41 @@ fn invalid_names_rejected() {
 #[test]
 fn garbage_upload_rejected() {
     let server = TestServer::start();
-    for body in [&b""[..], b"hello", b"\0asm", b"\x7fELF\x02\x01\x01\0\0\0\0\0"] {
+    for body in [
+        &b""[..],
+        b"hello",
+        b"\0asm",
+        b"\x7fELF\x02\x01\x01\0\0\0\0\0",
+    ] {
         let response = server.upload("junk", body);
         assert_eq!(response.status, 400, "{body:?}");
         assert_eq!(response.error_code(), "invalid_component");
-        assert!(response.json()["error"]["message"].as_str().unwrap().contains("not a WebAssembly binary"));
+        assert!(
+            response.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not a WebAssembly binary")
+        );
     }
 
     // A component header followed by garbage.
     let response = server.upload("junk", b"\0asm\x0d\0\x01\0\xff\xff\xff");
     assert_eq!(response.status, 400);
-    assert!(response.json()["error"]["message"].as_str().unwrap().starts_with("invalid component"));
+    assert!(
+        response.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid component")
+    );
 
-    let list = server.send(&Request::new("GET", "/v1/plugins", "").signed()).json();
-    assert_eq!(list["plugins"], json!([]), "nothing is stored after a rejected upload");
+    let list = server
+        .send(&Request::new("GET", "/v1/plugins", "").signed())
+        .json();
+    assert_eq!(
+        list["plugins"],
+        json!([]),
+        "nothing is stored after a rejected upload"
+    );
 }
 
 #[test]
@@ -146,7 +210,10 @@ fn core_module_rejected_with_hint() {
     // The smallest valid core module: magic and version 1, no sections.
     let response = server.upload("core", b"\0asm\x01\0\0\0");
     assert_eq!(response.status, 400);
-    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(message.contains("core module"), "{message}");
     assert!(message.contains("component"), "{message}");
 }
@@ -158,8 +225,16 @@ fn unsupported_import_named() {
     let wat = r#"(component (import "acme:missing/thing" (instance (export "f" (func)))))"#;
     let wasm = wat::parse_str(wat).unwrap();
     let response = server.upload("importer", &wasm);
-    assert_eq!(response.status, 400, "{}", String::from_utf8_lossy(&response.body));
-    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
+    assert_eq!(
+        response.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let message = response.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(message.contains("acme:missing/thing"), "{message}");
 }
 
@@ -169,14 +244,26 @@ fn component_without_entry_point_rejected() {
     let wasm = wat::parse_str("(component)").unwrap();
     let response = server.upload("empty", &wasm);
     assert_eq!(response.status, 400);
-    assert!(response.json()["error"]["message"].as_str().unwrap().contains("wasi:cli/run"));
+    assert!(
+        response.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("wasi:cli/run")
+    );
 }
 
 #[test]
 fn oversized_upload_rejected() {
-    let server = TestServer::start_with(Setup { policy: "limits: {upload_mib: 1}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {upload_mib: 1}\n".into(),
+    });
     let response = server.upload("big", &vec![0u8; (1 << 20) + 1]);
-    assert_eq!(response.status, 413, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(
+        response.status,
+        413,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
 }
 
 #[test]
@@ -184,13 +271,21 @@ fn malformed_run_requests_rejected() {
     let server = TestServer::start();
     server.upload_plugin("hello");
 
-    for body in ["{", "[1,2]", "{\"input\": }", "{\"inptu\": 1}", "{\"args\": \"x\"}", "\u{ff}"] {
+    for body in [
+        "{",
+        "[1,2]",
+        "{\"input\": }",
+        "{\"inptu\": 1}",
+        "{\"args\": \"x\"}",
+        "\u{ff}",
+    ] {
         let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", body).signed());
         assert_eq!(response.status, 400, "{body}");
         assert_eq!(response.error_code(), "invalid_json", "{body}");
     }
 
-    let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", r#"{"args":["x"]}"#).signed());
+    let response =
+        server.send(&Request::new("POST", "/v1/plugins/hello/run", r#"{"args":["x"]}"#).signed());
     assert_eq!(response.status, 400);
     assert_eq!(response.error_code(), "args_not_supported");
 
@@ -202,11 +297,19 @@ fn malformed_run_requests_rejected() {
 
 #[test]
 fn oversized_input_rejected() {
-    let server = TestServer::start_with(Setup { policy: "limits: {input_kib: 1}\n".into() });
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {input_kib: 1}\n".into(),
+    });
     server.upload_plugin("hello");
     let name = "x".repeat(2000);
-    let response =
-        server.send(&Request::new("POST", "/v1/plugins/hello/run", json!({"input": {"name": name}}).to_string()).signed());
+    let response = server.send(
+        &Request::new(
+            "POST",
+            "/v1/plugins/hello/run",
+            json!({"input": {"name": name}}).to_string(),
+        )
+        .signed(),
+    );
     assert_eq!(response.status, 413);
 }
 
@@ -214,7 +317,10 @@ fn oversized_input_rejected() {
 fn task_error_fails_run() {
     let server = TestServer::start();
     server.upload_plugin("probe");
-    let result = server.run("probe", json!({ "input": { "op": "fail", "message": "no such repo" } }));
+    let result = server.run(
+        "probe",
+        json!({ "input": { "op": "fail", "message": "no such repo" } }),
+    );
     assert_eq!(result["status"], "failed");
     assert_eq!(result["error"], "no such repo");
     assert_eq!(result["output"], serde_json::Value::Null);
@@ -226,7 +332,10 @@ fn output_that_is_not_json_returned_as_string() {
     server.upload_plugin("probe");
     let work = server.work();
     std::fs::write(work.join("note.txt"), "plain text").unwrap();
-    let result = server.run("probe", json!({ "input": { "op": "read", "path": work.join("note.txt") } }));
+    let result = server.run(
+        "probe",
+        json!({ "input": { "op": "read", "path": work.join("note.txt") } }),
+    );
     // The probe returns the text as a JSON string.
     assert_eq!(result["output"], "plain text");
 }
@@ -236,20 +345,28 @@ fn command_plugin_gets_args_and_stdin() {
     let server = TestServer::start();
     server.upload_plugin("echo-cli");
 
-    let result = server.run("echo-cli", json!({ "input": { "x": 1 }, "args": ["--flag", "value"] }));
+    let result = server.run(
+        "echo-cli",
+        json!({ "input": { "x": 1 }, "args": ["--flag", "value"] }),
+    );
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["exit_code"], 0);
-    let line: serde_json::Value = serde_json::from_str(result["stdout"].as_str().unwrap().trim()).unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(result["stdout"].as_str().unwrap().trim()).unwrap();
     assert_eq!(line["args"], json!(["echo-cli", "--flag", "value"]));
     assert_eq!(line["stdin"], r#"{"x":1}"#);
     assert_eq!(result["stderr"], "echo-cli: 3 argument(s)\n");
 
     let failed = server.run("echo-cli", json!({ "args": ["--exit", "3"] }));
     assert_eq!(failed["status"], "failed");
-    assert_eq!(failed["exit_code"], 1, "WASI 0.2 reports failure as exit code 1");
+    assert_eq!(
+        failed["exit_code"], 1,
+        "WASI 0.2 reports failure as exit code 1"
+    );
 
     let no_input = server.run("echo-cli", json!({}));
-    let line: serde_json::Value = serde_json::from_str(no_input["stdout"].as_str().unwrap().trim()).unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(no_input["stdout"].as_str().unwrap().trim()).unwrap();
     assert_eq!(line["stdin"], "", "a run without input has empty stdin");
 }
 
@@ -265,9 +382,17 @@ fn restart_keeps_plugins() {
     let result = server.run("echo-cli", json!({}));
     assert_eq!(result["status"], "succeeded");
 
-    let kinds: Vec<_> = server.audit().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    let kinds: Vec<_> = server
+        .audit()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
     assert!(kinds.contains(&"server_stop".to_string()), "{kinds:?}");
-    assert_eq!(kinds.iter().filter(|k| *k == "server_start").count(), 2, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "server_start").count(),
+        2,
+        "{kinds:?}"
+    );
 }
 
 #[test]
@@ -277,12 +402,21 @@ fn altered_component_not_loaded_on_restart() {
     server.stop();
 
     let blobs = server.data().join("plugins/blobs");
-    let blob = std::fs::read_dir(&blobs).unwrap().next().unwrap().unwrap().path();
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let probe = std::fs::read(common::plugin("probe")).unwrap();
     std::fs::write(&blob, probe).unwrap();
 
     server.spawn();
     let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", "{}").signed());
     assert_eq!(response.status, 404, "an altered component must not run");
-    assert!(server.log().contains("the file was altered"), "{}", server.log());
+    assert!(
+        server.log().contains("the file was altered"),
+        "{}",
+        server.log()
+    );
 }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use apex::policy::{PathMode, Policy, ProtectedPaths};
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/policy").join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/policy")
+        .join(kind);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -20,7 +22,10 @@ fn fixtures(kind: &str) -> Vec<PathBuf> {
 }
 
 fn protected() -> ProtectedPaths {
-    ProtectedPaths { data_dir: Some(std::env::temp_dir().join("apex-policy-test-data")), files: Vec::new() }
+    ProtectedPaths {
+        data_dir: Some(std::env::temp_dir().join("apex-policy-test-data")),
+        files: Vec::new(),
+    }
 }
 
 #[test]
@@ -32,9 +37,16 @@ fn invalid_fixtures_fail_with_expected_message() {
             Ok(_) => panic!("{} loaded, but must fail", file.display()),
             Err(e) => e.to_string(),
         };
-        assert!(error.contains(file.file_name().unwrap().to_str().unwrap()), "the message names the file: {error}");
+        assert!(
+            error.contains(file.file_name().unwrap().to_str().unwrap()),
+            "the message names the file: {error}"
+        );
         for line in expected.lines().filter(|l| !l.is_empty()) {
-            assert!(error.contains(line), "{}: expected {line:?} in:\n{error}", file.display());
+            assert!(
+                error.contains(line),
+                "{}: expected {line:?} in:\n{error}",
+                file.display()
+            );
         }
     }
 }
@@ -55,13 +67,20 @@ fn operators_format_loads_unchanged() {
 
     assert_eq!(policy.shell_allow, ["git clone ", "git pull", "python "]);
     assert_eq!(policy.http_allow_domains, ["api.github.com", "pypi.org"]);
-    assert_eq!(policy.timeouts.task.as_secs(), 120, "python_seconds is the run deadline");
+    assert_eq!(
+        policy.timeouts.task.as_secs(),
+        120,
+        "python_seconds is the run deadline"
+    );
     assert_eq!(policy.timeouts.shell.as_secs(), 120);
     assert_eq!(policy.timeouts.http.as_secs(), 30);
 
     // Relative paths resolve against the policy file's directory, not the working directory.
     assert_eq!(policy.paths_allow.len(), 1);
-    assert_eq!(policy.paths_allow[0].path, dir.join("dir").canonicalize().unwrap());
+    assert_eq!(
+        policy.paths_allow[0].path,
+        dir.join("dir").canonicalize().unwrap()
+    );
     assert_eq!(policy.paths_allow[0].mode, PathMode::Rw);
 }
 
@@ -92,28 +111,47 @@ fn overlap_with_data_directory_rejected() {
     std::fs::write(&policy_file, "paths_allow: [./work]\n").unwrap();
 
     // The data directory inside an allowed path.
-    let inside = ProtectedPaths { data_dir: Some(work.join("data")), files: Vec::new() };
+    let inside = ProtectedPaths {
+        data_dir: Some(work.join("data")),
+        files: Vec::new(),
+    };
     let error = Policy::load(&policy_file, &inside).unwrap_err().to_string();
     assert!(error.contains("overlaps the data directory"), "{error}");
 
     // An allowed path inside the data directory.
-    let outside = ProtectedPaths { data_dir: Some(root.path().to_path_buf()), files: Vec::new() };
-    let error = Policy::load(&policy_file, &outside).unwrap_err().to_string();
+    let outside = ProtectedPaths {
+        data_dir: Some(root.path().to_path_buf()),
+        files: Vec::new(),
+    };
+    let error = Policy::load(&policy_file, &outside)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("overlaps"), "{error}");
 
     // A trusted file such as `.env` inside an allowed path.
     std::fs::write(work.join(".env"), "APEX_SHARED_KEY=x").unwrap();
-    let dotenv = ProtectedPaths { data_dir: None, files: vec![work.join(".env")] };
+    let dotenv = ProtectedPaths {
+        data_dir: None,
+        files: vec![work.join(".env")],
+    };
     let error = Policy::load(&policy_file, &dotenv).unwrap_err().to_string();
-    assert!(error.contains("overlaps a file the server trusts"), "{error}");
+    assert!(
+        error.contains("overlaps a file the server trusts"),
+        "{error}"
+    );
 
     // A symlink to the data directory is resolved before the check.
     let data = root.path().join("data");
     std::fs::create_dir(&data).unwrap();
     std::os::unix::fs::symlink(&data, root.path().join("alias")).unwrap();
     std::fs::write(&policy_file, "paths_allow: [./alias]\n").unwrap();
-    let aliased = ProtectedPaths { data_dir: Some(data), files: Vec::new() };
-    let error = Policy::load(&policy_file, &aliased).unwrap_err().to_string();
+    let aliased = ProtectedPaths {
+        data_dir: Some(data),
+        files: Vec::new(),
+    };
+    let error = Policy::load(&policy_file, &aliased)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("overlaps the data directory"), "{error}");
 }
 
@@ -126,9 +164,19 @@ fn policy_check_command_prints_grants() {
         .current_dir(std::env::temp_dir())
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let text = String::from_utf8(output.stdout).unwrap();
-    assert!(text.contains(&format!("{} (read-write)", dir.join("dir").canonicalize().unwrap().display())), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{} (read-write)",
+            dir.join("dir").canonicalize().unwrap().display()
+        )),
+        "{text}"
+    );
     assert!(text.contains("\"api.github.com\""), "{text}");
     assert!(text.contains("task 120 s"), "{text}");
 
@@ -138,5 +186,7 @@ fn policy_check_command_prints_grants() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("differs from timeouts.python_seconds"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("differs from timeouts.python_seconds")
+    );
 }

@@ -19,10 +19,17 @@ struct Vector {
 }
 
 fn load(file: &str) -> Vec<Vector> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(file);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
-    let field = |v: &Value, name: &str| v[name].as_str().unwrap_or_else(|| panic!("{file}: missing {name}")).to_string();
+    let field = |v: &Value, name: &str| {
+        v[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("{file}: missing {name}"))
+            .to_string()
+    };
 
     let vectors: Vec<Vector> = json["vectors"]
         .as_array()
@@ -31,7 +38,9 @@ fn load(file: &str) -> Vec<Vector> {
         .enumerate()
         .map(|(index, v)| {
             let body = match v.get("body_base64") {
-                Some(encoded) => base64::engine::general_purpose::STANDARD.decode(encoded.as_str().unwrap()).unwrap(),
+                Some(encoded) => base64::engine::general_purpose::STANDARD
+                    .decode(encoded.as_str().unwrap())
+                    .unwrap(),
                 None => field(v, "body").into_bytes(),
             };
             Vector {
@@ -54,11 +63,25 @@ fn load(file: &str) -> Vec<Vector> {
 
 fn check(vector: &Vector) {
     let label = &vector.label;
-    assert_eq!(sha256_hex(&vector.body), vector.body_sha256, "{label}: body digest");
+    assert_eq!(
+        sha256_hex(&vector.body),
+        vector.body_sha256,
+        "{label}: body digest"
+    );
 
-    let text = string_to_sign(&vector.ts, &vector.method, &vector.target, &vector.nonce, &vector.body);
+    let text = string_to_sign(
+        &vector.ts,
+        &vector.method,
+        &vector.target,
+        &vector.nonce,
+        &vector.body,
+    );
     assert_eq!(text, vector.string_to_sign, "{label}: string to sign");
-    assert_eq!(sign(vector.key.as_bytes(), &text), vector.signature, "{label}: signature");
+    assert_eq!(
+        sign(vector.key.as_bytes(), &text),
+        vector.signature,
+        "{label}: signature"
+    );
 
     let request = SignedRequest {
         ts: &vector.ts,
@@ -74,7 +97,10 @@ fn check(vector: &Vector) {
 
     // The same request under another key must fail.
     let other = Verifier::new(b"a different key, thirty-two bytes+".to_vec());
-    assert!(other.verify(&request, now).is_err(), "{label}: another key must not verify");
+    assert!(
+        other.verify(&request, now).is_err(),
+        "{label}: another key must not verify"
+    );
 }
 
 #[test]
@@ -90,9 +116,20 @@ fn reference_vectors_verify() {
 fn extra_vectors_verify() {
     let vectors = load("extra-signing-vectors.json");
     let targets: Vec<&str> = vectors.iter().map(|v| v.target.as_str()).collect();
-    assert!(targets.contains(&"/v1/plugins?"), "a bare `?` query is covered");
-    assert!(targets.iter().any(|t| t.contains('%')), "a percent-encoded query is covered");
-    assert!(vectors.iter().any(|v| std::str::from_utf8(&v.body).is_err()), "a binary body is covered");
+    assert!(
+        targets.contains(&"/v1/plugins?"),
+        "a bare `?` query is covered"
+    );
+    assert!(
+        targets.iter().any(|t| t.contains('%')),
+        "a percent-encoded query is covered"
+    );
+    assert!(
+        vectors
+            .iter()
+            .any(|v| std::str::from_utf8(&v.body).is_err()),
+        "a binary body is covered"
+    );
     for vector in &vectors {
         check(vector);
     }

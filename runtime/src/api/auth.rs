@@ -79,7 +79,8 @@ pub async fn authenticate(
 /// Extracts `X-TS`, `X-SIG` and the optional `X-Nonce`, each at most once.
 fn headers(headers: &HeaderMap) -> Result<(&str, &str, &str), AuthError> {
     let ts = single(headers, HEADER_TS, "X-TS")?.ok_or(AuthError::MissingHeader("X-TS"))?;
-    let signature = single(headers, HEADER_SIG, "X-SIG")?.ok_or(AuthError::MissingHeader("X-SIG"))?;
+    let signature =
+        single(headers, HEADER_SIG, "X-SIG")?.ok_or(AuthError::MissingHeader("X-SIG"))?;
 
     // A value that is not visible ASCII cannot be one the client signed.
     let ts = ts.to_str().map_err(|_| AuthError::InvalidTimestamp)?;

@@ -18,7 +18,11 @@ pub struct ApiError {
 impl ApiError {
     /// Creates an error response.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     /// 400 with `code`.

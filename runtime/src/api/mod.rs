@@ -42,7 +42,10 @@ pub struct AppState {
 impl AppState {
     /// Largest request body any route accepts.
     fn max_body_bytes(&self) -> usize {
-        self.policy.limits.upload_bytes.max(self.policy.limits.input_bytes)
+        self.policy
+            .limits
+            .upload_bytes
+            .max(self.policy.limits.input_bytes)
     }
 }
 
@@ -50,10 +53,16 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/plugins", get(list_plugins))
-        .route("/v1/plugins/{name}", put(upload_plugin).get(show_plugin).delete(delete_plugin))
+        .route(
+            "/v1/plugins/{name}",
+            put(upload_plugin).get(show_plugin).delete(delete_plugin),
+        )
         .route("/v1/plugins/{name}/run", post(run_plugin))
         .fallback(route_not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
 
     Router::new()
         .route("/healthz", get(healthz))
@@ -66,7 +75,11 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn route_not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route; see the README for the API")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no such route; see the README for the API",
+    )
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -85,9 +98,15 @@ async fn list_plugins(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "plugins": state.registry.records() }))
 }
 
-async fn show_plugin(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn show_plugin(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     check_name(&name)?;
-    let plugin = state.registry.get(&name).ok_or_else(|| ApiError::plugin_not_found(&name))?;
+    let plugin = state
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::plugin_not_found(&name))?;
     Ok(Json(json!(plugin.record)))
 }
 
@@ -102,7 +121,11 @@ async fn upload_plugin(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "upload_too_large",
-            format!("component is {} bytes, more than the {} MiB allowed (limits.upload_mib)", body.len(), limit >> 20),
+            format!(
+                "component is {} bytes, more than the {} MiB allowed (limits.upload_mib)",
+                body.len(),
+                limit >> 20
+            ),
         ));
     }
 
@@ -116,11 +139,17 @@ async fn upload_plugin(
     };
 
     tracing::info!(plugin = %name, sha256 = %record.sha256, size = record.size, "uploaded plugin");
-    state.audit.record("plugin_upload", json!({ "plugin": name, "sha256": record.sha256, "size": record.size }));
+    state.audit.record(
+        "plugin_upload",
+        json!({ "plugin": name, "sha256": record.sha256, "size": record.size }),
+    );
     Ok((StatusCode::CREATED, Json(json!(record))).into_response())
 }
 
-async fn delete_plugin(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn delete_plugin(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     check_name(&name)?;
     let removed = state
         .registry
@@ -130,7 +159,10 @@ async fn delete_plugin(State(state): State<Arc<AppState>>, Path(name): Path<Stri
         .ok_or_else(|| ApiError::plugin_not_found(&name))?;
 
     tracing::info!(plugin = %name, "deleted plugin");
-    state.audit.record("plugin_delete", json!({ "plugin": name, "sha256": removed.sha256 }));
+    state.audit.record(
+        "plugin_delete",
+        json!({ "plugin": name, "sha256": removed.sha256 }),
+    );
     Ok(Json(json!({ "deleted": name, "sha256": removed.sha256 })))
 }
 
@@ -157,7 +189,11 @@ async fn run_plugin(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "input_too_large",
-            format!("run request is {} bytes, more than the {} KiB allowed (limits.input_kib)", body.len(), limit >> 10),
+            format!(
+                "run request is {} bytes, more than the {} KiB allowed (limits.input_kib)",
+                body.len(),
+                limit >> 10
+            ),
         ));
     }
     let request: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
@@ -171,11 +207,16 @@ async fn run_plugin(
         })?
     };
 
-    let plugin = state.registry.get(&name).ok_or_else(|| ApiError::plugin_not_found(&name))?;
+    let plugin = state
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::plugin_not_found(&name))?;
     if plugin.record.kind == PluginKind::Task && !request.args.is_empty() {
         return Err(ApiError::bad_request(
             "args_not_supported",
-            format!("plugin {name:?} is a task, and `args` apply to command plugins only; pass data in `input`"),
+            format!(
+                "plugin {name:?} is a task, and `args` apply to command plugins only; pass data in `input`"
+            ),
         ));
     }
 
@@ -196,16 +237,19 @@ async fn run_plugin(
         "run",
         json!({ "plugin": name, "sha256": plugin.record.sha256, "status": outcome.status, "error": outcome.error }),
     );
-    Ok(Json(run_response(&name, &outcome, state.policy.limits.output_bytes)))
+    Ok(Json(run_response(
+        &name,
+        &outcome,
+        state.policy.limits.output_bytes,
+    )))
 }
 
 /// Builds the JSON result of a run.
 fn run_response(plugin: &str, outcome: &RunOutcome, output_limit: usize) -> Value {
     // Output that parses as JSON is returned as JSON, anything else as a string.
-    let output = outcome
-        .output
-        .as_deref()
-        .map(|text| serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_owned())));
+    let output = outcome.output.as_deref().map(|text| {
+        serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+    });
 
     let mut body = json!({
         "plugin": plugin,

@@ -16,7 +16,10 @@ pub struct RunLimiter {
 impl RunLimiter {
     /// Creates a limiter allowing each linear memory up to `memory_bytes`.
     pub fn new(memory_bytes: usize) -> RunLimiter {
-        RunLimiter { memory_bytes, exceeded: None }
+        RunLimiter {
+            memory_bytes,
+            exceeded: None,
+        }
     }
 
     /// Returns the size in bytes a linear memory asked for when it broke the limit.
@@ -31,7 +34,12 @@ impl RunLimiter {
 }
 
 impl ResourceLimiter for RunLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.exceeded = Some(desired);
             // Trapping at once, instead of letting `memory.grow` return -1,
@@ -45,7 +53,12 @@ impl ResourceLimiter for RunLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }

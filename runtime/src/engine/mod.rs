@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker, ResourceTable, types::ComponentItem};
+use wasmtime::component::{
+    Component, ComponentExportIndex, InstancePre, Linker, ResourceTable, types::ComponentItem,
+};
 use wasmtime::{Config, Store, UpdateDeadline};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -74,7 +76,10 @@ pub struct CompiledPlugin {
 }
 
 enum Prepared {
-    Task { pre: InstancePre<RunState>, run: ComponentExportIndex },
+    Task {
+        pre: InstancePre<RunState>,
+        run: ComponentExportIndex,
+    },
     Command(CommandPre<RunState>),
 }
 
@@ -136,7 +141,10 @@ pub struct RunState {
 
 impl WasiView for RunState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -166,17 +174,23 @@ impl Engine {
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let stop = ticker_stop.clone();
         let ticking = engine.weak();
-        std::thread::Builder::new().name("apex-epoch".into()).spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                match ticking.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
+        std::thread::Builder::new()
+            .name("apex-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match ticking.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
                 }
-            }
-        })?;
+            })?;
 
-        Ok(Engine { engine, linker, ticker_stop })
+        Ok(Engine {
+            engine,
+            linker,
+            ticker_stop,
+        })
     }
 
     /// Validates, compiles and links a component.
@@ -190,7 +204,8 @@ impl Engine {
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, CompileError> {
         check_header(bytes)?;
 
-        let component = Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -206,15 +221,22 @@ impl Engine {
             let run = component
                 .get_export_index(None, TASK_EXPORT)
                 .ok_or(CompileError::NoEntryPoint)?;
-            return Ok(CompiledPlugin { kind: PluginKind::Task, prepared: Prepared::Task { pre, run } });
+            return Ok(CompiledPlugin {
+                kind: PluginKind::Task,
+                prepared: Prepared::Task { pre, run },
+            });
         }
 
         let exports_command = ty
             .exports(&self.engine)
             .any(|(name, _)| name.starts_with(COMMAND_EXPORT_PREFIX));
         if exports_command {
-            let command = CommandPre::new(pre).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
-            return Ok(CompiledPlugin { kind: PluginKind::Command, prepared: Prepared::Command(command) });
+            let command =
+                CommandPre::new(pre).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+            return Ok(CompiledPlugin {
+                kind: PluginKind::Command,
+                prepared: Prepared::Command(command),
+            });
         }
 
         Err(CompileError::NoEntryPoint)
@@ -224,7 +246,12 @@ impl Engine {
     ///
     /// The deadline covers instantiation and the whole call, including time
     /// the task spends waiting inside host calls.
-    pub async fn run(&self, plugin: &CompiledPlugin, request: RunRequest, policy: &Policy) -> RunOutcome {
+    pub async fn run(
+        &self,
+        plugin: &CompiledPlugin,
+        request: RunRequest,
+        policy: &Policy,
+    ) -> RunOutcome {
         let started = Instant::now();
         let stdout = CappedOutput::new(policy.limits.output_bytes);
         let stderr = CappedOutput::new(policy.limits.output_bytes);
@@ -241,7 +268,14 @@ impl Engine {
 
         let wasi = match build_wasi(plugin.kind, &request, policy, &stdout, &stderr) {
             Ok(wasi) => wasi,
-            Err(e) => return finish(RunStatus::Failed, None, None, Some(format!("cannot prepare the run: {e:#}"))),
+            Err(e) => {
+                return finish(
+                    RunStatus::Failed,
+                    None,
+                    None,
+                    Some(format!("cannot prepare the run: {e:#}")),
+                );
+            }
         };
 
         let state = RunState {
@@ -265,7 +299,10 @@ impl Engine {
                 RunStatus::TimedOut,
                 None,
                 None,
-                Some(format!("deadline of {} s exceeded (timeouts.task_seconds)", deadline.as_secs())),
+                Some(format!(
+                    "deadline of {} s exceeded (timeouts.task_seconds)",
+                    deadline.as_secs()
+                )),
             ),
             Ok(Err(e)) => {
                 let message = match limiter.exceeded() {
@@ -278,12 +315,19 @@ impl Engine {
                 };
                 finish(RunStatus::Failed, None, None, Some(message))
             }
-            Ok(Ok(Ended::Returned(Ok(output)))) => finish(RunStatus::Succeeded, Some(output), None, None),
-            Ok(Ok(Ended::Returned(Err(message)))) => finish(RunStatus::Failed, None, None, Some(message)),
-            Ok(Ok(Ended::Exited(0))) => finish(RunStatus::Succeeded, None, Some(0), None),
-            Ok(Ok(Ended::Exited(code))) => {
-                finish(RunStatus::Failed, None, Some(code), Some(format!("the command exited with code {code}")))
+            Ok(Ok(Ended::Returned(Ok(output)))) => {
+                finish(RunStatus::Succeeded, Some(output), None, None)
             }
+            Ok(Ok(Ended::Returned(Err(message)))) => {
+                finish(RunStatus::Failed, None, None, Some(message))
+            }
+            Ok(Ok(Ended::Exited(0))) => finish(RunStatus::Succeeded, None, Some(0), None),
+            Ok(Ok(Ended::Exited(code))) => finish(
+                RunStatus::Failed,
+                None,
+                Some(code),
+                Some(format!("the command exited with code {code}")),
+            ),
         }
     }
 }
@@ -300,11 +344,16 @@ enum Ended {
     Exited(i32),
 }
 
-async fn call_plugin(store: &mut Store<RunState>, plugin: &CompiledPlugin, input: String) -> wasmtime::Result<Ended> {
+async fn call_plugin(
+    store: &mut Store<RunState>,
+    plugin: &CompiledPlugin,
+    input: String,
+) -> wasmtime::Result<Ended> {
     match &plugin.prepared {
         Prepared::Task { pre, run } => {
             let instance = pre.instantiate_async(&mut *store).await?;
-            let func = instance.get_typed_func::<(String,), (Result<String, String>,)>(&mut *store, run)?;
+            let func = instance
+                .get_typed_func::<(String,), (Result<String, String>,)>(&mut *store, run)?;
             let (result,) = func.call_async(&mut *store, (input,)).await?;
             Ok(Ended::Returned(result))
         }
@@ -343,7 +392,10 @@ fn build_wasi(
     }
 
     for allowed in &policy.paths_allow {
-        let guest = allowed.path.to_str().expect("policy paths are validated as UTF-8");
+        let guest = allowed
+            .path
+            .to_str()
+            .expect("policy paths are validated as UTF-8");
         let perms = match allowed.mode {
             PathMode::Rw => FsPerms::ReadWrite,
             PathMode::Ro => FsPerms::ReadOnly,
@@ -369,7 +421,9 @@ fn check_header(bytes: &[u8]) -> Result<(), CompileError> {
     match bytes[6..8] {
         [0, 0] => Err(CompileError::CoreModule),
         [1, 0] => Ok(()),
-        _ => Err(CompileError::Invalid("unknown WebAssembly layer in the header".into())),
+        _ => Err(CompileError::Invalid(
+            "unknown WebAssembly layer in the header".into(),
+        )),
     }
 }
 
@@ -379,7 +433,10 @@ fn describe_trap(error: &wasmtime::Error) -> String {
     let mut message = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();
-        if !cause.is_empty() && !message.contains(&cause) && !cause.starts_with("error while executing at wasm backtrace") {
+        if !cause.is_empty()
+            && !message.contains(&cause)
+            && !cause.starts_with("error while executing at wasm backtrace")
+        {
             message.push_str(": ");
             message.push_str(&cause);
         }

@@ -18,7 +18,10 @@ pub const KEY: &str = "test-key-0123456789abcdef0123456789abcdef";
 
 /// Returns the repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Returns the path of an example plugin, building all of them on first use.
@@ -26,10 +29,19 @@ pub fn plugin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let script = repo_root().join("scripts/build-plugins.sh");
-        let status = Command::new("bash").arg(&script).status().expect("bash runs");
-        assert!(status.success(), "building the plugins with {} failed", script.display());
+        let status = Command::new("bash")
+            .arg(&script)
+            .status()
+            .expect("bash runs");
+        assert!(
+            status.success(),
+            "building the plugins with {} failed",
+            script.display()
+        );
     });
-    let path = repo_root().join("target/plugins").join(format!("{name}.wasm"));
+    let path = repo_root()
+        .join("target/plugins")
+        .join(format!("{name}.wasm"));
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
@@ -45,13 +57,20 @@ pub struct Response {
 impl Response {
     /// Parses the body as JSON, panicking with the body text if it is not.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// Returns the `error.code` of an error body.
     pub fn error_code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -66,7 +85,12 @@ pub struct Request {
 
 impl Request {
     pub fn new(method: &str, target: &str, body: impl Into<Vec<u8>>) -> Request {
-        Request { method: method.into(), target: target.into(), body: body.into(), headers: Vec::new() }
+        Request {
+            method: method.into(),
+            target: target.into(),
+            body: body.into(),
+            headers: Vec::new(),
+        }
     }
 
     /// Adds `X-TS`, `X-Nonce` and `X-SIG` for the current time.
@@ -97,11 +121,15 @@ impl Request {
     }
 
     pub fn find_header(&self, name: &str) -> Option<String> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
     }
 
     pub fn get_header(&self, name: &str) -> String {
-        self.find_header(name).unwrap_or_else(|| panic!("request has no {name} header"))
+        self.find_header(name)
+            .unwrap_or_else(|| panic!("request has no {name} header"))
     }
 
     pub fn set_header(self, name: &str, value: &str) -> Request {
@@ -151,7 +179,11 @@ impl TestServer {
             .replace("{RO}", ro.to_str().unwrap());
         std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
 
-        let mut server = TestServer { dir, addr: String::new(), child: None };
+        let mut server = TestServer {
+            dir,
+            addr: String::new(),
+            child: None,
+        };
         server.spawn();
         server
     }
@@ -207,7 +239,10 @@ impl TestServer {
     /// Stops the server with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if child.try_wait().unwrap().is_some() {
@@ -233,7 +268,9 @@ impl TestServer {
     /// Returns the audit events, parsed.
     pub fn audit(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.data().join("audit.log")).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Sends `request` as raw HTTP/1.1 and reads the whole response.
@@ -249,13 +286,25 @@ impl TestServer {
     pub fn upload_plugin(&self, name: &str) {
         let wasm = std::fs::read(plugin(name)).unwrap();
         let response = self.upload(name, &wasm);
-        assert_eq!(response.status, 201, "upload {name}: {}", String::from_utf8_lossy(&response.body));
+        assert_eq!(
+            response.status,
+            201,
+            "upload {name}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
     }
 
     /// Runs a plugin with `body` and returns the JSON result (status 200 asserted).
     pub fn run(&self, name: &str, body: Value) -> Value {
-        let response = self.send(&Request::new("POST", &format!("/v1/plugins/{name}/run"), body.to_string()).signed());
-        assert_eq!(response.status, 200, "run {name}: {}", String::from_utf8_lossy(&response.body));
+        let response = self.send(
+            &Request::new("POST", &format!("/v1/plugins/{name}/run"), body.to_string()).signed(),
+        );
+        assert_eq!(
+            response.status,
+            200,
+            "run {name}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
         response.json()
     }
 }
@@ -272,9 +321,14 @@ impl Drop for TestServer {
 /// Sends one request on a new connection and reads until the server closes it.
 pub fn send_raw(addr: &str, request: &Request) -> Response {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
 
-    let mut head = format!("{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n", request.method, request.target);
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
+        request.method, request.target
+    );
     for (name, value) in &request.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -288,7 +342,10 @@ pub fn send_raw(addr: &str, request: &Request) -> Response {
 }
 
 fn parse_response(raw: &[u8]) -> Response {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response has a header block");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response has a header block");
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap();
@@ -299,17 +356,26 @@ fn parse_response(raw: &[u8]) -> Response {
         .collect();
 
     let mut body = raw[split + 4..].to_vec();
-    if headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked")) {
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
-    Response { status, headers, body }
+    Response {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
         data = &data[line_end + 2..];
         if size == 0 {
             return out;

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The main job of Apex on a fresh machine: build the example plugins, start
+# the server with the bundled policy and a generated key, upload both
+# plugins and run them through the signed API, then stop the server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> building the example plugins (wasm32-wasip2)"
+scripts/build-plugins.sh
+echo "==> building apex"
+cargo build --locked --quiet
+apex=target/debug/apex
+
+# The bundled policy allows ./work; give wordcount something to count.
+mkdir -p work
+printf 'Apex runs every task as a WebAssembly component.\nThe policy decides what it may touch.\n' > work/readme.txt
+
+APEX_SHARED_KEY=${APEX_SHARED_KEY:-$("$apex" keygen)}
+export APEX_SHARED_KEY
+
+log=$(mktemp -d)
+"$apex" serve --config config/policy.yaml --data data --listen 127.0.0.1:0 >"$log/stdout" 2>"$log/stderr" &
+server=$!
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
+
+for _ in $(seq 1 300); do
+    grep -q '^apex listening on ' "$log/stdout" 2>/dev/null && break
+    if ! kill -0 "$server" 2>/dev/null; then
+        echo "the server failed to start:" >&2
+        cat "$log/stderr" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+APEX_URL=$(sed -n 's/^apex listening on //p' "$log/stdout")
+export APEX_URL
+echo "==> server listening on $APEX_URL (log: $log/stderr)"
+
+echo "==> uploading plugins"
+"$apex" upload hello target/plugins/hello.wasm
+"$apex" upload wordcount target/plugins/wordcount.wasm
+
+echo "==> running hello"
+"$apex" run hello --input '{"name": "Ada"}'
+
+echo "==> running wordcount over $PWD/work"
+"$apex" run wordcount --input "{\"path\": \"$PWD/work\"}"
+
+echo "==> the same run with curl and apex sign"
+body="{\"input\": {\"path\": \"$PWD/work\"}}"
+mapfile -t headers < <("$apex" sign POST /v1/plugins/wordcount/run --body "$body")
+curl -sS -X POST "$APEX_URL/v1/plugins/wordcount/run" \
+    -H "${headers[0]}" -H "${headers[1]}" -H "${headers[2]}" \
+    -H 'Content-Type: application/json' --data-binary "$body"
+echo
