@@ -10,6 +10,6 @@ cargo build --quiet --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --
     --target-dir target/plugins-build
 
 mkdir -p target/plugins
-for name in hello wordcount probe echo-cli; do
+for name in hello wordcount probe echo-cli fetch; do
     cp "target/plugins-build/wasm32-wasip2/release/$name.wasm" "target/plugins/$name.wasm"
 done

@@ -3,6 +3,7 @@
 //! - [`policy`] loads the YAML policy that decides what tasks may touch.
 //! - [`auth`] signs and verifies API requests (HMAC-SHA256).
 //! - [`engine`] compiles components and runs them under the policy.
+//! - [`net`] decides and sends the outgoing HTTP requests of tasks.
 //! - [`store`] and [`registry`] keep uploaded plugins on disk and in memory.
 //! - [`api`] serves the HTTP API; [`server`] starts it.
 //! - [`client`] is the signing HTTP client behind the `apex` subcommands.
@@ -12,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod engine;
+pub mod net;
 pub mod policy;
 pub mod registry;
 pub mod server;

@@ -5,12 +5,15 @@
 //! adds `limits`. Loading resolves relative paths against the directory of the
 //! file, so the same file means the same thing from any working directory.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::net::rules::{HostRule, normalize_name};
 
 /// Errors found while loading a policy file.
 ///
@@ -97,6 +100,22 @@ pub struct Limits {
     pub input_bytes: usize,
     /// Maximum captured stdout, and separately stderr, of one run, in bytes (`output_kib`).
     pub output_bytes: usize,
+    /// Maximum body of one outgoing HTTP response, in bytes (`response_mib`).
+    pub response_bytes: usize,
+}
+
+/// The `network` section: where outgoing HTTP requests may go.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkPolicy {
+    /// Parsed `http_allow_domains`, in order.
+    pub http_allow: Vec<HostRule>,
+    /// Whether an allowed name may resolve to a loopback, private or other
+    /// non-public address (`allow_private_addresses`).
+    pub allow_private_addresses: bool,
+    /// Fixed addresses for host names, consulted before DNS (`resolve`).
+    pub resolve: HashMap<String, IpAddr>,
+    /// Extra trusted CA certificates, PEM (`ca_file`).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Default deadline of a plugin run, shell call and HTTP request, in seconds.
@@ -111,12 +130,14 @@ const DEFAULT_MEMORY_MIB: u64 = 256;
 const DEFAULT_UPLOAD_MIB: u64 = 64;
 const DEFAULT_INPUT_KIB: u64 = 1024;
 const DEFAULT_OUTPUT_KIB: u64 = 1024;
+const DEFAULT_RESPONSE_MIB: u64 = 16;
 
 const MAX_SECONDS: u64 = 24 * 60 * 60;
 const MAX_MEMORY_MIB: u64 = 4096;
 const MAX_UPLOAD_MIB: u64 = 1024;
 const MAX_INPUT_KIB: u64 = 64 * 1024;
 const MAX_OUTPUT_KIB: u64 = 64 * 1024;
+const MAX_RESPONSE_MIB: u64 = 1024;
 
 /// A validated policy.
 #[derive(Debug, Clone)]
@@ -131,6 +152,8 @@ pub struct Policy {
     pub paths_allow: Vec<AllowedPath>,
     /// Host names outgoing HTTP requests may reach, as written.
     pub http_allow_domains: Vec<String>,
+    /// The `network` section, parsed.
+    pub network: NetworkPolicy,
     /// Deadlines.
     pub timeouts: Timeouts,
     /// Resource limits.
@@ -169,6 +192,11 @@ fn default_mode() -> PathMode {
 struct RawNetwork {
     #[serde(default)]
     http_allow_domains: Vec<String>,
+    #[serde(default)]
+    allow_private_addresses: bool,
+    #[serde(default)]
+    resolve: BTreeMap<String, String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -187,6 +215,7 @@ struct RawLimits {
     upload_mib: Option<u64>,
     input_kib: Option<u64>,
     output_kib: Option<u64>,
+    response_mib: Option<u64>,
 }
 
 /// Files the server trusts, which no allowed path may contain or lie inside.
@@ -257,6 +286,7 @@ impl Policy {
         )?;
         let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
         checker.check_protected(&paths_allow, protected)?;
+        let network = checker.network(base, &raw.network)?;
 
         Ok(Policy {
             source: source.to_path_buf(),
@@ -264,6 +294,7 @@ impl Policy {
             shell_allow: raw.shell_allow,
             paths_allow,
             http_allow_domains: raw.network.http_allow_domains,
+            network,
             timeouts: checker.timeouts(&raw.timeouts)?,
             limits: checker.limits(&raw.limits)?,
         })
@@ -291,12 +322,29 @@ impl Policy {
             ));
         }
 
-        out.push_str("outgoing HTTP hosts:\n");
-        push_list(&mut out, &self.http_allow_domains);
+        out.push_str("outgoing HTTP hosts (http and https):\n");
+        if self.network.http_allow.is_empty() {
+            out.push_str("  none\n");
+        }
+        for rule in &self.network.http_allow {
+            out.push_str(&format!("  {rule}\n"));
+        }
+        let mut pinned: Vec<_> = self.network.resolve.iter().collect();
+        pinned.sort();
+        for (name, ip) in pinned {
+            out.push_str(&format!("  resolve {name} -> {ip}\n"));
+        }
+        out.push_str(&format!(
+            "  private addresses: {}\n",
+            if self.network.allow_private_addresses { "allowed" } else { "denied" }
+        ));
+        if let Some(ca_file) = &self.network.ca_file {
+            out.push_str(&format!("  extra CA certificates: {}\n", ca_file.display()));
+        }
         out.push_str("shell command prefixes:\n");
         push_list(&mut out, &self.shell_allow);
 
-        out.push_str("sockets: denied\nenvironment: empty\n");
+        out.push_str("raw sockets and name lookup: denied\nenvironment: empty\n");
         let t = &self.timeouts;
         out.push_str(&format!(
             "timeouts: task {} s, shell {} s, http {} s\n",
@@ -306,11 +354,12 @@ impl Policy {
         ));
         let l = &self.limits;
         out.push_str(&format!(
-            "limits: memory {} MiB per linear memory, upload {} MiB, input {} KiB, output {} KiB per stream\n",
+            "limits: memory {} MiB per linear memory, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB\n",
             l.memory_bytes >> 20,
             l.upload_bytes >> 20,
             l.input_bytes >> 10,
-            l.output_bytes >> 10
+            l.output_bytes >> 10,
+            l.response_bytes >> 20
         ));
         out
     }
@@ -536,40 +585,62 @@ impl Checker<'_> {
     }
 
     fn limits(&self, raw: &RawLimits) -> Result<Limits, PolicyError> {
+        let mib = |key, value, default, max| self.sized(key, value, default, max, 20, "MiB");
+        let kib = |key, value, default, max| self.sized(key, value, default, max, 10, "KiB");
         Ok(Limits {
-            memory_bytes: self.sized(
-                "limits.memory_mib",
-                raw.memory_mib,
-                DEFAULT_MEMORY_MIB,
-                MAX_MEMORY_MIB,
-                20,
-                "MiB",
-            )?,
-            upload_bytes: self.sized(
-                "limits.upload_mib",
-                raw.upload_mib,
-                DEFAULT_UPLOAD_MIB,
-                MAX_UPLOAD_MIB,
-                20,
-                "MiB",
-            )?,
-            input_bytes: self.sized(
-                "limits.input_kib",
-                raw.input_kib,
-                DEFAULT_INPUT_KIB,
-                MAX_INPUT_KIB,
-                10,
-                "KiB",
-            )?,
-            output_bytes: self.sized(
-                "limits.output_kib",
-                raw.output_kib,
-                DEFAULT_OUTPUT_KIB,
-                MAX_OUTPUT_KIB,
-                10,
-                "KiB",
-            )?,
+            memory_bytes: mib("limits.memory_mib", raw.memory_mib, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB)?,
+            upload_bytes: mib("limits.upload_mib", raw.upload_mib, DEFAULT_UPLOAD_MIB, MAX_UPLOAD_MIB)?,
+            input_bytes: kib("limits.input_kib", raw.input_kib, DEFAULT_INPUT_KIB, MAX_INPUT_KIB)?,
+            output_bytes: kib("limits.output_kib", raw.output_kib, DEFAULT_OUTPUT_KIB, MAX_OUTPUT_KIB)?,
+            response_bytes: mib("limits.response_mib", raw.response_mib, DEFAULT_RESPONSE_MIB, MAX_RESPONSE_MIB)?,
         })
+    }
+}
+
+impl Checker<'_> {
+    fn network(&self, base: &Path, raw: &RawNetwork) -> Result<NetworkPolicy, PolicyError> {
+        let mut http_allow = Vec::new();
+        for (index, entry) in raw.http_allow_domains.iter().enumerate() {
+            let key = format!("network.http_allow_domains[{index}]");
+            let rule = HostRule::parse(entry).map_err(|e| self.error(&key, format!("{entry:?}: {e}")))?;
+            if let Some(earlier) = http_allow.iter().position(|r| *r == rule) {
+                return Err(self.error(
+                    key,
+                    format!("{entry:?} allows the same as network.http_allow_domains[{earlier}]; list each host once"),
+                ));
+            }
+            http_allow.push(rule);
+        }
+
+        let mut resolve = HashMap::new();
+        for (name, address) in &raw.resolve {
+            let key = format!("network.resolve.{name}");
+            let normalized = normalize_name(name).ok_or_else(|| self.error(&key, format!("{name:?} is not a valid host name")))?;
+            let ip: IpAddr = address
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .map_err(|_| self.error(&key, format!("{address:?} is not an IP address")))?;
+            if resolve.insert(normalized, ip).is_some() {
+                return Err(self.error(key, "the same host name is listed twice (names compare in lower case)"));
+            }
+        }
+
+        let ca_file = match &raw.ca_file {
+            None => None,
+            Some(written) => {
+                let joined = base.join(written);
+                let path = joined.canonicalize().map_err(|e| {
+                    self.error("network.ca_file", format!("{written:?} ({}) cannot be used: {e}", joined.display()))
+                })?;
+                if !path.is_file() {
+                    return Err(self.error("network.ca_file", format!("{} is not a file", path.display())));
+                }
+                Some(path)
+            }
+        };
+
+        Ok(NetworkPolicy { http_allow, allow_private_addresses: raw.allow_private_addresses, resolve, ca_file })
     }
 }
 

@@ -84,6 +84,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         tracing::info!("{line}");
     }
 
+    let egress = Arc::new(crate::net::egress_for(&policy).context("invalid network section in the policy")?);
     let engine = Arc::new(Engine::new().context("cannot start the WebAssembly engine")?);
     let store = Arc::new(
         PluginStore::open(&data)
@@ -112,6 +113,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         engine,
         policy,
+        egress,
         registry,
         verifier: Verifier::new(options.key.into_bytes()),
         audit,

@@ -21,6 +21,7 @@ pub use self::error::ApiError;
 use crate::audit::AuditLog;
 use crate::auth::Verifier;
 use crate::engine::{Captured, Engine, PluginKind, RunOutcome, RunRequest};
+use crate::net::Egress;
 use crate::policy::Policy;
 use crate::registry::{Registry, UploadError};
 use crate::store::is_valid_name;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// The policy every run is confined by.
     pub policy: Policy,
+    /// The sender of outgoing HTTP requests, built from the policy.
+    pub egress: Arc<Egress>,
     /// The plugins.
     pub registry: Registry,
     /// Request signature checks.
@@ -225,7 +228,13 @@ async fn run_plugin(
         input: request.input.as_ref().map(Value::to_string),
         args: request.args,
     };
-    let outcome = state.engine.run(&plugin.compiled, run, &state.policy).await;
+    let outcome = state.engine.run(&plugin.compiled, run, &state.policy, &state.egress).await;
+    for denial in outcome.decisions.iter().filter(|d| !d.allowed) {
+        state.audit.record(
+            "policy_denial",
+            json!({ "plugin": name, "capability": denial.capability, "target": denial.target, "reason": denial.reason }),
+        );
+    }
 
     tracing::info!(
         plugin = %name,
@@ -260,6 +269,7 @@ fn run_response(plugin: &str, outcome: &RunOutcome, output_limit: usize) -> Valu
         "stdout_truncated": outcome.stdout.truncated,
         "stderr_truncated": outcome.stderr.truncated,
         "duration_ms": outcome.duration.as_millis() as u64,
+        "decisions": outcome.decisions,
     });
     if let Some(code) = outcome.exit_code {
         body["exit_code"] = json!(code);

@@ -19,9 +19,11 @@ use wasmtime::{Config, Store, UpdateDeadline};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use self::limiter::RunLimiter;
 pub use self::output::{CappedOutput, Captured};
+use crate::net::{Decision, Decisions, Egress, HttpHooks};
 use crate::policy::{PathMode, Policy};
 
 /// Interval between epoch ticks. A running task yields to the async executor
@@ -130,13 +132,23 @@ pub struct RunOutcome {
     pub duration: Duration,
     /// Why the run failed or timed out.
     pub error: Option<String>,
+    /// Capability decisions the host made during the run, in order.
+    pub decisions: Vec<Decision>,
 }
 
 /// Host state of one run.
 pub struct RunState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: HttpHooks,
     table: ResourceTable,
     limiter: RunLimiter,
+}
+
+impl WasiHttpView for RunState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
 }
 
 impl WasiView for RunState {
@@ -170,6 +182,7 @@ impl Engine {
         let engine = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let stop = ticker_stop.clone();
@@ -251,8 +264,10 @@ impl Engine {
         plugin: &CompiledPlugin,
         request: RunRequest,
         policy: &Policy,
+        egress: &Arc<Egress>,
     ) -> RunOutcome {
         let started = Instant::now();
+        let decisions = Decisions::default();
         let stdout = CappedOutput::new(policy.limits.output_bytes);
         let stderr = CappedOutput::new(policy.limits.output_bytes);
 
@@ -264,6 +279,7 @@ impl Engine {
             stderr: stderr.captured(),
             duration: started.elapsed(),
             error,
+            decisions: decisions.snapshot(),
         };
 
         let wasi = match build_wasi(plugin.kind, &request, policy, &stdout, &stderr) {
@@ -280,6 +296,8 @@ impl Engine {
 
         let state = RunState {
             wasi,
+            http: WasiHttpCtx::new(),
+            hooks: egress.hooks(&request.plugin, decisions.clone()),
             table: ResourceTable::new(),
             limiter: RunLimiter::new(policy.limits.memory_bytes),
         };

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod http_servers;
+
 /// The shared key every test server uses.
 pub const KEY: &str = "test-key-0123456789abcdef0123456789abcdef";
 
