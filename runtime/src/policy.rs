@@ -336,7 +336,11 @@ impl Policy {
         }
         out.push_str(&format!(
             "  private addresses: {}\n",
-            if self.network.allow_private_addresses { "allowed" } else { "denied" }
+            if self.network.allow_private_addresses {
+                "allowed"
+            } else {
+                "denied"
+            }
         ));
         if let Some(ca_file) = &self.network.ca_file {
             out.push_str(&format!("  extra CA certificates: {}\n", ca_file.display()));
@@ -588,11 +592,36 @@ impl Checker<'_> {
         let mib = |key, value, default, max| self.sized(key, value, default, max, 20, "MiB");
         let kib = |key, value, default, max| self.sized(key, value, default, max, 10, "KiB");
         Ok(Limits {
-            memory_bytes: mib("limits.memory_mib", raw.memory_mib, DEFAULT_MEMORY_MIB, MAX_MEMORY_MIB)?,
-            upload_bytes: mib("limits.upload_mib", raw.upload_mib, DEFAULT_UPLOAD_MIB, MAX_UPLOAD_MIB)?,
-            input_bytes: kib("limits.input_kib", raw.input_kib, DEFAULT_INPUT_KIB, MAX_INPUT_KIB)?,
-            output_bytes: kib("limits.output_kib", raw.output_kib, DEFAULT_OUTPUT_KIB, MAX_OUTPUT_KIB)?,
-            response_bytes: mib("limits.response_mib", raw.response_mib, DEFAULT_RESPONSE_MIB, MAX_RESPONSE_MIB)?,
+            memory_bytes: mib(
+                "limits.memory_mib",
+                raw.memory_mib,
+                DEFAULT_MEMORY_MIB,
+                MAX_MEMORY_MIB,
+            )?,
+            upload_bytes: mib(
+                "limits.upload_mib",
+                raw.upload_mib,
+                DEFAULT_UPLOAD_MIB,
+                MAX_UPLOAD_MIB,
+            )?,
+            input_bytes: kib(
+                "limits.input_kib",
+                raw.input_kib,
+                DEFAULT_INPUT_KIB,
+                MAX_INPUT_KIB,
+            )?,
+            output_bytes: kib(
+                "limits.output_kib",
+                raw.output_kib,
+                DEFAULT_OUTPUT_KIB,
+                MAX_OUTPUT_KIB,
+            )?,
+            response_bytes: mib(
+                "limits.response_mib",
+                raw.response_mib,
+                DEFAULT_RESPONSE_MIB,
+                MAX_RESPONSE_MIB,
+            )?,
         })
     }
 }
@@ -602,7 +631,8 @@ impl Checker<'_> {
         let mut http_allow = Vec::new();
         for (index, entry) in raw.http_allow_domains.iter().enumerate() {
             let key = format!("network.http_allow_domains[{index}]");
-            let rule = HostRule::parse(entry).map_err(|e| self.error(&key, format!("{entry:?}: {e}")))?;
+            let rule =
+                HostRule::parse(entry).map_err(|e| self.error(&key, format!("{entry:?}: {e}")))?;
             if let Some(earlier) = http_allow.iter().position(|r| *r == rule) {
                 return Err(self.error(
                     key,
@@ -615,14 +645,18 @@ impl Checker<'_> {
         let mut resolve = HashMap::new();
         for (name, address) in &raw.resolve {
             let key = format!("network.resolve.{name}");
-            let normalized = normalize_name(name).ok_or_else(|| self.error(&key, format!("{name:?} is not a valid host name")))?;
+            let normalized = normalize_name(name)
+                .ok_or_else(|| self.error(&key, format!("{name:?} is not a valid host name")))?;
             let ip: IpAddr = address
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .parse()
                 .map_err(|_| self.error(&key, format!("{address:?} is not an IP address")))?;
             if resolve.insert(normalized, ip).is_some() {
-                return Err(self.error(key, "the same host name is listed twice (names compare in lower case)"));
+                return Err(self.error(
+                    key,
+                    "the same host name is listed twice (names compare in lower case)",
+                ));
             }
         }
 
@@ -631,16 +665,27 @@ impl Checker<'_> {
             Some(written) => {
                 let joined = base.join(written);
                 let path = joined.canonicalize().map_err(|e| {
-                    self.error("network.ca_file", format!("{written:?} ({}) cannot be used: {e}", joined.display()))
+                    self.error(
+                        "network.ca_file",
+                        format!("{written:?} ({}) cannot be used: {e}", joined.display()),
+                    )
                 })?;
                 if !path.is_file() {
-                    return Err(self.error("network.ca_file", format!("{} is not a file", path.display())));
+                    return Err(self.error(
+                        "network.ca_file",
+                        format!("{} is not a file", path.display()),
+                    ));
                 }
                 Some(path)
             }
         };
 
-        Ok(NetworkPolicy { http_allow, allow_private_addresses: raw.allow_private_addresses, resolve, ca_file })
+        Ok(NetworkPolicy {
+            http_allow,
+            allow_private_addresses: raw.allow_private_addresses,
+            resolve,
+            ca_file,
+        })
     }
 }
 

@@ -84,7 +84,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         tracing::info!("{line}");
     }
 
-    let egress = Arc::new(crate::net::egress_for(&policy).context("invalid network section in the policy")?);
+    let egress =
+        Arc::new(crate::net::egress_for(&policy).context("invalid network section in the policy")?);
     let engine = Arc::new(Engine::new().context("cannot start the WebAssembly engine")?);
     let store = Arc::new(
         PluginStore::open(&data)

@@ -37,17 +37,31 @@ fn assert_denied(server: &TestServer, result: &Value, reason: &str) {
     let error = result["error"].as_str().unwrap();
     assert!(error.contains("HttpRequestDenied"), "{error}");
 
-    let denials: Vec<&Value> = result["decisions"].as_array().unwrap().iter().filter(|d| d["allowed"] == false).collect();
+    let denials: Vec<&Value> = result["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["allowed"] == false)
+        .collect();
     assert_eq!(denials.len(), 1, "{result}");
     assert_eq!(denials[0]["capability"], "http");
     let recorded = denials[0]["reason"].as_str().unwrap();
-    assert!(recorded.contains(reason), "expected {reason:?} in {recorded:?}");
+    assert!(
+        recorded.contains(reason),
+        "expected {reason:?} in {recorded:?}"
+    );
 
     assert!(
-        server.audit().iter().any(|e| e["kind"] == "policy_denial" && e["reason"] == recorded),
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "policy_denial" && e["reason"] == recorded),
         "the denial is audited"
     );
-    assert!(server.log().contains("outgoing request denied"), "the denial is logged");
+    assert!(
+        server.log().contains("outgoing request denied"),
+        "the denial is logged"
+    );
 }
 
 fn allowed_private() -> &'static str {
@@ -57,38 +71,70 @@ fn allowed_private() -> &'static str {
 #[test]
 fn allowed_host_succeeds_end_to_end() {
     let upstream = LocalServer::http();
-    let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");
+    let server = apex(
+        &[format!("api.test:{}", upstream.port)],
+        allowed_private(),
+        "",
+    );
 
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{}/", upstream.port) }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{}/", upstream.port) }),
+    );
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["output"]["status"], 200);
     assert_eq!(result["output"]["bytes"], HELLO.len());
-    assert_eq!(result["output"]["sha256"], apex::auth::sha256_hex(HELLO.as_bytes()));
+    assert_eq!(
+        result["output"]["sha256"],
+        apex::auth::sha256_hex(HELLO.as_bytes())
+    );
     assert_eq!(result["output"]["content_type"], "text/plain");
 
     let decisions = result["decisions"].as_array().unwrap();
     assert_eq!(decisions.len(), 1);
     assert_eq!(decisions[0]["allowed"], true);
-    assert_eq!(decisions[0]["target"], format!("http://api.test:{}", upstream.port));
-    assert!(decisions[0]["reason"].as_str().unwrap().contains("127.0.0.1"));
+    assert_eq!(
+        decisions[0]["target"],
+        format!("http://api.test:{}", upstream.port)
+    );
+    assert!(
+        decisions[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1")
+    );
     assert_eq!(upstream.requests(), 1);
 }
 
 #[test]
 fn unlisted_host_denied_before_connecting() {
     let upstream = LocalServer::http();
-    let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");
+    let server = apex(
+        &[format!("api.test:{}", upstream.port)],
+        allowed_private(),
+        "",
+    );
 
-    let result = fetch(&server, json!({ "url": format!("http://other.test:{}/", upstream.port) }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://other.test:{}/", upstream.port) }),
+    );
     assert_denied(&server, &result, "not in network.http_allow_domains");
-    assert_eq!(upstream.requests(), 0, "no connection is made for a denied request");
+    assert_eq!(
+        upstream.requests(),
+        0,
+        "no connection is made for a denied request"
+    );
 }
 
 #[test]
 fn nothing_allowed_by_default() {
     let upstream = LocalServer::http();
     let server = apex(&[], allowed_private(), "");
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{}/", upstream.port) }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{}/", upstream.port) }),
+    );
     assert_denied(&server, &result, "not in network.http_allow_domains");
 }
 
@@ -98,13 +144,22 @@ fn wildcard_matches_subdomains_only() {
     let port = upstream.port;
     let server = apex(&[format!("*.wild.test:{port}")], allowed_private(), "");
 
-    let result = fetch(&server, json!({ "url": format!("http://a.wild.test:{port}/") }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://a.wild.test:{port}/") }),
+    );
     assert_eq!(result["status"], "succeeded", "{result}");
 
     for host in ["wild.test", "evilwild.test"] {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "failed", "{host}: {result}");
-        assert!(result["error"].as_str().unwrap().contains("HttpRequestDenied"), "{host}: {result}");
+        assert!(
+            result["error"]
+                .as_str()
+                .unwrap()
+                .contains("HttpRequestDenied"),
+            "{host}: {result}"
+        );
     }
     assert_eq!(upstream.requests(), 1);
 }
@@ -113,13 +168,23 @@ fn wildcard_matches_subdomains_only() {
 fn wrong_port_denied() {
     let upstream = LocalServer::http();
     let other = LocalServer::http();
-    let server = apex(&[format!("api.test:{}", upstream.port), "other.test".into()], allowed_private(), "");
+    let server = apex(
+        &[format!("api.test:{}", upstream.port), "other.test".into()],
+        allowed_private(),
+        "",
+    );
 
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{}/", other.port) }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{}/", other.port) }),
+    );
     assert_denied(&server, &result, "not in network.http_allow_domains");
 
     // An entry without a port allows the scheme's default port only.
-    let result = fetch(&server, json!({ "url": format!("http://other.test:{}/", other.port) }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://other.test:{}/", other.port) }),
+    );
     assert_eq!(result["status"], "failed");
     assert_eq!(other.requests(), 0);
 }
@@ -134,8 +199,14 @@ fn case_and_trailing_dot_ignored() {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "succeeded", "{host}: {result}");
     }
-    let result = fetch(&server, json!({ "url": format!("http://api.test..:{port}/") }));
-    assert_eq!(result["status"], "failed", "two trailing dots are not the same name");
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test..:{port}/") }),
+    );
+    assert_eq!(
+        result["status"], "failed",
+        "two trailing dots are not the same name"
+    );
 }
 
 #[test]
@@ -159,7 +230,10 @@ fn userinfo_trick_denied() {
         .filter(|e| e["kind"] == "policy_denial")
         .map(|e| e["reason"].as_str().unwrap().to_string())
         .collect();
-    assert!(reasons.iter().any(|r| r.contains("user information")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("user information")),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -168,10 +242,25 @@ fn ip_literal_spellings_denied() {
     let port = upstream.port;
     let server = apex(&[format!("api.test:{port}")], allowed_private(), "");
 
-    for host in ["127.0.0.1", "2130706433", "0x7f.1", "0x7f000001", "127.1", "0177.0.0.1", "[::1]", "[::ffff:127.0.0.1]"] {
+    for host in [
+        "127.0.0.1",
+        "2130706433",
+        "0x7f.1",
+        "0x7f000001",
+        "127.1",
+        "0177.0.0.1",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+    ] {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "failed", "{host}: {result}");
-        assert!(result["error"].as_str().unwrap().contains("HttpRequestDenied"), "{host}: {result}");
+        assert!(
+            result["error"]
+                .as_str()
+                .unwrap()
+                .contains("HttpRequestDenied"),
+            "{host}: {result}"
+        );
     }
     assert_eq!(upstream.requests(), 0);
 }
@@ -183,27 +272,57 @@ fn listed_ip_literal_allowed_even_when_loopback() {
     // No allow_private_addresses: the operator named the literal address.
     let server = apex(&[format!("127.0.0.1:{port}")], "", "");
 
-    let result = fetch(&server, json!({ "url": format!("http://127.0.0.1:{port}/") }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://127.0.0.1:{port}/") }),
+    );
     assert_eq!(result["status"], "succeeded", "{result}");
-    let result = fetch(&server, json!({ "url": format!("http://2130706433:{port}/") }));
-    assert_eq!(result["status"], "failed", "an odd spelling of a listed literal is still denied");
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://2130706433:{port}/") }),
+    );
+    assert_eq!(
+        result["status"], "failed",
+        "an odd spelling of a listed literal is still denied"
+    );
 }
 
 #[test]
 fn name_resolving_to_loopback_denied() {
     let upstream = LocalServer::http();
     let port = upstream.port;
-    let server = apex(&[format!("api.test:{port}"), format!("localhost:{port}")], "", "");
+    let server = apex(
+        &[format!("api.test:{port}"), format!("localhost:{port}")],
+        "",
+        "",
+    );
 
     // Pinned through network.resolve.
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/") }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/") }),
+    );
     assert_denied(&server, &result, "not a public address");
-    assert!(result["decisions"][0]["reason"].as_str().unwrap().contains("allow_private_addresses"));
+    assert!(
+        result["decisions"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("allow_private_addresses")
+    );
 
     // Resolved by the system resolver.
-    let result = fetch(&server, json!({ "url": format!("http://localhost:{port}/") }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://localhost:{port}/") }),
+    );
     assert_eq!(result["status"], "failed", "{result}");
-    assert!(result["decisions"][0]["reason"].as_str().unwrap().contains("loopback"), "{result}");
+    assert!(
+        result["decisions"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("loopback"),
+        "{result}"
+    );
     assert_eq!(upstream.requests(), 0);
 }
 
@@ -214,11 +333,21 @@ fn redirect_to_unlisted_host_not_followed() {
     let server = apex(&[format!("api.test:{port}")], allowed_private(), "");
 
     let location = format!("http://other.test:{port}/");
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/redirect?to={location}") }));
-    assert_eq!(result["status"], "succeeded", "the task sees the redirect itself: {result}");
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/redirect?to={location}") }),
+    );
+    assert_eq!(
+        result["status"], "succeeded",
+        "the task sees the redirect itself: {result}"
+    );
     assert_eq!(result["output"]["status"], 302);
     assert_eq!(result["output"]["location"], location.as_str());
-    assert_eq!(upstream.requests(), 1, "the host did not follow the redirect");
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "the host did not follow the redirect"
+    );
 
     let result = fetch(&server, json!({ "url": location }));
     assert_denied(&server, &result, "not in network.http_allow_domains");
@@ -231,9 +360,18 @@ fn other_schemes_denied() {
     let server = apex(&[format!("api.test:{port}")], allowed_private(), "");
 
     for scheme in ["ftp", "file", "gopher"] {
-        let result = fetch(&server, json!({ "url": format!("{scheme}://api.test:{port}/") }));
+        let result = fetch(
+            &server,
+            json!({ "url": format!("{scheme}://api.test:{port}/") }),
+        );
         assert_eq!(result["status"], "failed", "{scheme}: {result}");
-        assert!(result["error"].as_str().unwrap().contains("HttpRequestDenied"), "{scheme}: {result}");
+        assert!(
+            result["error"]
+                .as_str()
+                .unwrap()
+                .contains("HttpRequestDenied"),
+            "{scheme}: {result}"
+        );
     }
     assert_eq!(upstream.requests(), 0);
 }
@@ -242,17 +380,33 @@ fn other_schemes_denied() {
 fn hanging_server_times_out_at_http_seconds() {
     let upstream = LocalServer::http();
     let port = upstream.port;
-    let server = apex(&[format!("api.test:{port}")], allowed_private(), "timeouts: {http_seconds: 1, task_seconds: 20}\n");
+    let server = apex(
+        &[format!("api.test:{port}")],
+        allowed_private(),
+        "timeouts: {http_seconds: 1, task_seconds: 20}\n",
+    );
 
     let started = Instant::now();
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/hang"), "timeout_ms": 60_000 }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/hang"), "timeout_ms": 60_000 }),
+    );
     let elapsed = started.elapsed();
     assert_eq!(result["status"], "failed", "{result}");
-    assert!(result["error"].as_str().unwrap().contains("Timeout"), "{result}");
-    assert!(elapsed < Duration::from_secs(5), "a task cannot extend http_seconds: took {elapsed:?}");
+    assert!(
+        result["error"].as_str().unwrap().contains("Timeout"),
+        "{result}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "a task cannot extend http_seconds: took {elapsed:?}"
+    );
 
     // The server keeps serving.
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/") }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/") }),
+    );
     assert_eq!(result["status"], "succeeded");
 }
 
@@ -260,20 +414,38 @@ fn hanging_server_times_out_at_http_seconds() {
 fn task_may_shorten_http_timeout() {
     let upstream = LocalServer::http();
     let port = upstream.port;
-    let server = apex(&[format!("api.test:{port}")], allowed_private(), "timeouts: {http_seconds: 30, task_seconds: 20}\n");
+    let server = apex(
+        &[format!("api.test:{port}")],
+        allowed_private(),
+        "timeouts: {http_seconds: 30, task_seconds: 20}\n",
+    );
 
     let started = Instant::now();
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/hang"), "timeout_ms": 300 }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/hang"), "timeout_ms": 300 }),
+    );
     assert_eq!(result["status"], "failed", "{result}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
 fn response_within_limit_obeyed() {
     let upstream = LocalServer::http();
     let port = upstream.port;
-    let server = apex(&[format!("api.test:{port}")], allowed_private(), "limits: {response_mib: 1}\n");
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/big?bytes=1048576") }));
+    let server = apex(
+        &[format!("api.test:{port}")],
+        allowed_private(),
+        "limits: {response_mib: 1}\n",
+    );
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/big?bytes=1048576") }),
+    );
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["output"]["bytes"], 1_048_576);
 }
@@ -282,11 +454,21 @@ fn response_within_limit_obeyed() {
 fn oversized_response_cut() {
     let upstream = LocalServer::http();
     let port = upstream.port;
-    let server = apex(&[format!("api.test:{port}")], allowed_private(), "limits: {response_mib: 1}\n");
-    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/big?bytes=3000000") }));
+    let server = apex(
+        &[format!("api.test:{port}")],
+        allowed_private(),
+        "limits: {response_mib: 1}\n",
+    );
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/big?bytes=3000000") }),
+    );
     assert_eq!(result["status"], "failed", "{result}");
     let error = result["error"].as_str().unwrap();
-    assert!(error.contains("body size exceeds limit: 1048576 bytes"), "{error}");
+    assert!(
+        error.contains("body size exceeds limit: 1048576 bytes"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -296,9 +478,15 @@ fn https_with_test_ca_succeeds() {
     let ca = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca.path(), ca_pem).unwrap();
 
-    let extra = format!("  allow_private_addresses: true\n  ca_file: {}\n", ca.path().display());
+    let extra = format!(
+        "  allow_private_addresses: true\n  ca_file: {}\n",
+        ca.path().display()
+    );
     let server = apex(&[format!("secure.test:{port}")], &extra, "");
-    let result = fetch(&server, json!({ "url": format!("https://secure.test:{port}/") }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("https://secure.test:{port}/") }),
+    );
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["output"]["bytes"], HELLO.len());
 }
@@ -308,21 +496,42 @@ fn https_without_test_ca_fails() {
     let (upstream, _ca_pem) = LocalServer::https(&["secure.test"]);
     let port = upstream.port;
     let server = apex(&[format!("secure.test:{port}")], allowed_private(), "");
-    let result = fetch(&server, json!({ "url": format!("https://secure.test:{port}/") }));
+    let result = fetch(
+        &server,
+        json!({ "url": format!("https://secure.test:{port}/") }),
+    );
     assert_eq!(result["status"], "failed", "{result}");
-    assert!(result["error"].as_str().unwrap().contains("Tls"), "{result}");
+    assert!(
+        result["error"].as_str().unwrap().contains("Tls"),
+        "{result}"
+    );
 }
 
 #[test]
 fn invalid_network_policy_rejected() {
     let dir = tempfile::tempdir().unwrap();
     for (policy, expected) in [
-        ("network: {http_allow_domains: [\"a.*.com\"]}\n", "network.http_allow_domains[0]"),
-        ("network: {http_allow_domains: [\"*.com\"]}\n", "top-level domain"),
-        ("network: {http_allow_domains: [\"host:99999\"]}\n", "invalid port"),
-        ("network: {resolve: {api.test: not-an-ip}}\n", "network.resolve.api.test"),
+        (
+            "network: {http_allow_domains: [\"a.*.com\"]}\n",
+            "network.http_allow_domains[0]",
+        ),
+        (
+            "network: {http_allow_domains: [\"*.com\"]}\n",
+            "top-level domain",
+        ),
+        (
+            "network: {http_allow_domains: [\"host:99999\"]}\n",
+            "invalid port",
+        ),
+        (
+            "network: {resolve: {api.test: not-an-ip}}\n",
+            "network.resolve.api.test",
+        ),
         ("network: {ca_file: missing.pem}\n", "network.ca_file"),
-        ("network: {http_allow_domains: [\"API.test\", \"api.test.\"]}\n", "allows the same as"),
+        (
+            "network: {http_allow_domains: [\"API.test\", \"api.test.\"]}\n",
+            "allows the same as",
+        ),
     ] {
         let file = dir.path().join("policy.yaml");
         std::fs::write(&file, policy).unwrap();

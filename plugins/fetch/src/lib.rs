@@ -32,7 +32,8 @@ struct Input {
 
 async fn fetch(input: Input) -> Result<serde_json::Value, String> {
     let method = input.method.as_deref().unwrap_or("GET");
-    let method = Method::from_bytes(method.as_bytes()).map_err(|e| format!("invalid method {method:?}: {e}"))?;
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|e| format!("invalid method {method:?}: {e}"))?;
 
     let mut request = Request::builder().uri(&input.url).method(method);
     for (name, value) in &input.headers {
@@ -42,7 +43,9 @@ async fn fetch(input: Input) -> Result<serde_json::Value, String> {
         Some(text) => Body::from(text),
         None => Body::empty(),
     };
-    let request = request.body(body).map_err(|e| format!("invalid request: {e}"))?;
+    let request = request
+        .body(body)
+        .map_err(|e| format!("invalid request: {e}"))?;
 
     let mut client = Client::new();
     if let Some(ms) = input.timeout_ms {
@@ -51,7 +54,10 @@ async fn fetch(input: Input) -> Result<serde_json::Value, String> {
         client.set_between_bytes_timeout(Duration::from_millis(ms));
     }
 
-    let response = client.send(request).await.map_err(|e| format!("request failed: {e:?}"))?;
+    let response = client
+        .send(request)
+        .await
+        .map_err(|e| format!("request failed: {e:?}"))?;
     let status = response.status().as_u16();
     let header = |name: &str| {
         response

@@ -228,7 +228,10 @@ async fn run_plugin(
         input: request.input.as_ref().map(Value::to_string),
         args: request.args,
     };
-    let outcome = state.engine.run(&plugin.compiled, run, &state.policy, &state.egress).await;
+    let outcome = state
+        .engine
+        .run(&plugin.compiled, run, &state.policy, &state.egress)
+        .await;
     for denial in outcome.decisions.iter().filter(|d| !d.allowed) {
         state.audit.record(
             "policy_denial",

@@ -47,7 +47,10 @@ pub struct Decisions(Arc<Mutex<Vec<Decision>>>);
 
 impl Decisions {
     fn push(&self, decision: Decision) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(decision);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(decision);
     }
 
     /// Returns the decisions made so far.
@@ -113,7 +116,10 @@ impl Egress {
         roots.add_parsable_certificates(native.certs);
 
         if let Some(path) = config.ca_file {
-            let ca_error = |message: String| EgressError::CaFile { path: path.display().to_string(), message };
+            let ca_error = |message: String| EgressError::CaFile {
+                path: path.display().to_string(),
+                message,
+            };
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .map_err(|e| ca_error(e.to_string()))?
                 .collect::<Result<_, _>>()
@@ -148,7 +154,11 @@ impl Egress {
 
     /// Creates the `wasi:http` hooks of one run.
     pub fn hooks(self: &Arc<Self>, plugin: &str, decisions: Decisions) -> HttpHooks {
-        HttpHooks { egress: self.clone(), plugin: plugin.to_owned(), decisions }
+        HttpHooks {
+            egress: self.clone(),
+            plugin: plugin.to_owned(),
+            decisions,
+        }
     }
 
     /// Checks the request against the rules, without touching the network.
@@ -157,25 +167,46 @@ impl Egress {
         let tls = match &scheme {
             Some(s) if *s == Scheme::HTTPS => true,
             Some(s) if *s == Scheme::HTTP => false,
-            Some(other) => return Err(Denial::new(uri, format!("scheme {other:?} is not allowed; use http or https"))),
+            Some(other) => {
+                return Err(Denial::new(
+                    uri,
+                    format!("scheme {other:?} is not allowed; use http or https"),
+                ));
+            }
             None => return Err(Denial::new(uri, "the request has no scheme")),
         };
-        let authority = uri.authority().ok_or_else(|| Denial::new(uri, "the request has no host"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| Denial::new(uri, "the request has no host"))?;
         if authority.as_str().contains('@') {
-            return Err(Denial::new(uri, "user information in the URL authority (user@host) is not allowed"));
+            return Err(Denial::new(
+                uri,
+                "user information in the URL authority (user@host) is not allowed",
+            ));
         }
 
         let host = classify_host(authority.host()).map_err(|reason| Denial::new(uri, reason))?;
         let default_port = if tls { 443 } else { 80 };
         let port = authority.port_u16().unwrap_or(default_port);
-        if !self.rules.iter().any(|rule| rule.allows(&host, port, default_port)) {
-            return Err(Denial::new(uri, format!("{host}:{port} is not in network.http_allow_domains")));
+        if !self
+            .rules
+            .iter()
+            .any(|rule| rule.allows(&host, port, default_port))
+        {
+            return Err(Denial::new(
+                uri,
+                format!("{host}:{port} is not in network.http_allow_domains"),
+            ));
         }
         Ok(Destination { host, port, tls })
     }
 
     /// Resolves a checked destination to the addresses it may connect to.
-    async fn addresses(&self, destination: &Destination, uri: &http::Uri) -> Result<Vec<SocketAddr>, SendError> {
+    async fn addresses(
+        &self,
+        destination: &Destination,
+        uri: &http::Uri,
+    ) -> Result<Vec<SocketAddr>, SendError> {
         let port = destination.port;
         let name = match &destination.host {
             // A literal the operator listed is allowed even when private.
@@ -190,7 +221,10 @@ impl Egress {
                 match tokio::time::timeout(self.timeout, lookup).await {
                     Ok(Ok(addresses)) => addresses.collect(),
                     Ok(Err(e)) => {
-                        return Err(SendError::Http(HttpError::DnsError { rcode: Some(e.to_string()), info_code: None }));
+                        return Err(SendError::Http(HttpError::DnsError {
+                            rcode: Some(e.to_string()),
+                            info_code: None,
+                        }));
                     }
                     Err(_) => return Err(SendError::Http(HttpError::DnsTimeout)),
                 }
@@ -226,11 +260,22 @@ impl Egress {
         options: Option<RequestOptions>,
         decisions: &Decisions,
         plugin: &str,
-    ) -> Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), HttpError>> + Send>), HttpError> {
+    ) -> Result<
+        (
+            http::Response<WasiBody>,
+            Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+        ),
+        HttpError,
+    > {
         let uri = request.uri().clone();
         let denied = |denial: Denial| {
             tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
-            decisions.push(Decision { capability: "http", target: denial.target, allowed: false, reason: denial.reason });
+            decisions.push(Decision {
+                capability: "http",
+                target: denial.target,
+                allowed: false,
+                reason: denial.reason,
+            });
             HttpError::HttpRequestDenied
         };
 
@@ -242,10 +287,12 @@ impl Egress {
         };
 
         // A task may shorten the deadlines, never extend them.
-        let limit = |requested: Option<Duration>| requested.map_or(self.timeout, |d| d.min(self.timeout));
+        let limit =
+            |requested: Option<Duration>| requested.map_or(self.timeout, |d| d.min(self.timeout));
         let connect_timeout = limit(options.and_then(|o| o.connect_timeout));
         let first_byte_timeout = limit(options.and_then(|o| o.first_byte_timeout));
-        let between_bytes_timeout = limit(options.and_then(|o| o.between_bytes_timeout)).max(Duration::from_millis(1));
+        let between_bytes_timeout =
+            limit(options.and_then(|o| o.between_bytes_timeout)).max(Duration::from_millis(1));
 
         let (stream, address) = connect(&addresses, connect_timeout).await?;
         decisions.push(Decision {
@@ -257,7 +304,8 @@ impl Egress {
 
         let stream: Box<dyn Stream> = if destination.tls {
             let server_name = match &destination.host {
-                RequestHost::Name(name) => ServerName::try_from(name.clone()).map_err(|_| HttpError::HttpRequestUriInvalid)?,
+                RequestHost::Name(name) => ServerName::try_from(name.clone())
+                    .map_err(|_| HttpError::HttpRequestUriInvalid)?,
                 RequestHost::Ip(ip) => ServerName::from(*ip),
             };
             let handshake = self.tls.connect(server_name, stream);
@@ -280,7 +328,10 @@ impl Egress {
 
         // Only the path and query go on the request line; the authority is in `Host`.
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        *request.uri_mut() = http::Uri::builder().path_and_query(path).build().map_err(|_| HttpError::HttpRequestUriInvalid)?;
+        *request.uri_mut() = http::Uri::builder()
+            .path_and_query(path)
+            .build()
+            .map_err(|_| HttpError::HttpRequestUriInvalid)?;
 
         let max_bytes = self.max_response_bytes;
         let response = async move {
@@ -343,7 +394,10 @@ impl WasiHttpHooks for HttpHooks {
     ) -> Box<
         dyn Future<
                 Output = Result<
-                    (http::Response<WasiBody>, Box<dyn Future<Output = Result<(), HttpError>> + Send>),
+                    (
+                        http::Response<WasiBody>,
+                        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                    ),
                     HttpError,
                 >,
             > + Send,
@@ -371,7 +425,10 @@ struct Denial {
 
 impl Denial {
     fn new(uri: &http::Uri, reason: impl Into<String>) -> Denial {
-        Denial { target: target_of(uri), reason: reason.into() }
+        Denial {
+            target: target_of(uri),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -397,7 +454,10 @@ trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
 impl<T> Stream for T where T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
 
 /// Connects to the first address that answers within the deadline.
-async fn connect(addresses: &[SocketAddr], timeout: Duration) -> Result<(TcpStream, SocketAddr), HttpError> {
+async fn connect(
+    addresses: &[SocketAddr],
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), HttpError> {
     let mut last_error = HttpError::ConnectionRefused;
     for address in addresses {
         match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
@@ -414,7 +474,11 @@ fn tls_error(error: std::io::Error) -> HttpError {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
-    if certificate { HttpError::TlsCertificateError } else { HttpError::Tls(error) }
+    if certificate {
+        HttpError::TlsCertificateError
+    } else {
+        HttpError::Tls(error)
+    }
 }
 
 /// A response body that enforces the gap between chunks and a size cap.
@@ -428,7 +492,13 @@ struct LimitedBody {
 
 impl LimitedBody {
     fn new(incoming: hyper::body::Incoming, gap: Duration, max_bytes: u64) -> LimitedBody {
-        LimitedBody { incoming, gap, timer: Box::pin(tokio::time::sleep(gap)), remaining: max_bytes, max_bytes }
+        LimitedBody {
+            incoming,
+            gap,
+            timer: Box::pin(tokio::time::sleep(gap)),
+            remaining: max_bytes,
+            max_bytes,
+        }
     }
 }
 
@@ -436,7 +506,10 @@ impl Body for LimitedBody {
     type Data = Bytes;
     type Error = HttpError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         match Pin::new(&mut self.incoming).poll_frame(cx) {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(HttpError::from(e)))),
@@ -445,7 +518,9 @@ impl Body for LimitedBody {
                     let length = data.len() as u64;
                     if length > self.remaining {
                         self.remaining = 0;
-                        return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(self.max_bytes)))));
+                        return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(
+                            self.max_bytes,
+                        )))));
                     }
                     self.remaining -= length;
                 }

@@ -80,7 +80,9 @@ pub fn normalize_name(name: &str) -> Option<String> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     valid.then_some(ascii)
 }
@@ -110,9 +112,13 @@ pub fn classify_host(host: &str) -> Result<RequestHost, String> {
     let last = trimmed.rsplit('.').next().unwrap_or(trimmed);
     let numeric = !last.is_empty()
         && (last.bytes().all(|b| b.is_ascii_digit())
-            || (last.len() > 2 && last[..2].eq_ignore_ascii_case("0x") && last[2..].bytes().all(|b| b.is_ascii_hexdigit())));
+            || (last.len() > 2
+                && last[..2].eq_ignore_ascii_case("0x")
+                && last[2..].bytes().all(|b| b.is_ascii_hexdigit())));
     if numeric {
-        return Err(format!("{host} is an IPv4 address in a non-standard spelling; only the dotted-decimal form can be allowed"));
+        return Err(format!(
+            "{host} is an IPv4 address in a non-standard spelling; only the dotted-decimal form can be allowed"
+        ));
     }
     normalize_name(host)
         .map(RequestHost::Name)
@@ -130,26 +136,48 @@ impl HostRule {
         let (host, port) = split_port(entry)?;
 
         if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            let ip: Ipv6Addr = inner.parse().map_err(|_| format!("invalid IPv6 address {inner:?}"))?;
-            return Ok(HostRule { host: HostPattern::Ip(IpAddr::V6(ip)), port });
+            let ip: Ipv6Addr = inner
+                .parse()
+                .map_err(|_| format!("invalid IPv6 address {inner:?}"))?;
+            return Ok(HostRule {
+                host: HostPattern::Ip(IpAddr::V6(ip)),
+                port,
+            });
         }
         if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(HostRule { host: HostPattern::Ip(ip), port });
+            return Ok(HostRule {
+                host: HostPattern::Ip(ip),
+                port,
+            });
         }
 
         if let Some(suffix) = host.strip_prefix("*.") {
-            let suffix = normalize_name(suffix).ok_or_else(|| format!("invalid domain {suffix:?} after `*.`"))?;
+            let suffix = normalize_name(suffix)
+                .ok_or_else(|| format!("invalid domain {suffix:?} after `*.`"))?;
             if !suffix.contains('.') {
-                return Err(format!("`*.{suffix}` would allow a whole top-level domain; name a registered domain"));
+                return Err(format!(
+                    "`*.{suffix}` would allow a whole top-level domain; name a registered domain"
+                ));
             }
-            return Ok(HostRule { host: HostPattern::Subdomains(suffix), port });
+            return Ok(HostRule {
+                host: HostPattern::Subdomains(suffix),
+                port,
+            });
         }
         if host.contains('*') {
-            return Err("a wildcard is allowed only as the first label, as in `*.example.com`".into());
+            return Err(
+                "a wildcard is allowed only as the first label, as in `*.example.com`".into(),
+            );
         }
         match classify_host(host)? {
-            RequestHost::Name(name) => Ok(HostRule { host: HostPattern::Name(name), port }),
-            RequestHost::Ip(ip) => Ok(HostRule { host: HostPattern::Ip(ip), port }),
+            RequestHost::Name(name) => Ok(HostRule {
+                host: HostPattern::Name(name),
+                port,
+            }),
+            RequestHost::Ip(ip) => Ok(HostRule {
+                host: HostPattern::Ip(ip),
+                port,
+            }),
         }
     }
 
@@ -181,7 +209,9 @@ fn split_port(entry: &str) -> Result<(&str, Option<u16>), String> {
     };
 
     if entry.starts_with('[') {
-        let close = entry.find(']').ok_or_else(|| format!("missing `]` in {entry:?}"))?;
+        let close = entry
+            .find(']')
+            .ok_or_else(|| format!("missing `]` in {entry:?}"))?;
         let (host, rest) = entry.split_at(close + 1);
         return match rest {
             "" => Ok((host, None)),
@@ -283,10 +313,16 @@ mod tests {
         assert!(rule.allows(&name("api.github.com"), 443, 443));
         assert!(rule.allows(&name("API.GitHub.com"), 443, 443));
         assert!(rule.allows(&name("api.github.com."), 443, 443));
-        assert!(!rule.allows(&name("api.github.com"), 8443, 443), "other port");
+        assert!(
+            !rule.allows(&name("api.github.com"), 8443, 443),
+            "other port"
+        );
         assert!(!rule.allows(&name("xapi.github.com"), 443, 443));
         assert!(!rule.allows(&name("api.github.com.evil.com"), 443, 443));
-        assert!(classify_host("api.github.com..").is_err(), "only one trailing dot is ignored");
+        assert!(
+            classify_host("api.github.com..").is_err(),
+            "only one trailing dot is ignored"
+        );
     }
 
     #[test]
@@ -317,10 +353,21 @@ mod tests {
 
     #[test]
     fn odd_ipv4_spellings_rejected() {
-        for host in ["2130706433", "0x7f.1", "0x7f000001", "127.1", "0177.0.0.1", "127.0.0.1.", "1.2.3.0x4"] {
+        for host in [
+            "2130706433",
+            "0x7f.1",
+            "0x7f000001",
+            "127.1",
+            "0177.0.0.1",
+            "127.0.0.1.",
+            "1.2.3.0x4",
+        ] {
             if host == "127.0.0.1." {
                 // A trailing dot on a dotted-decimal address is still that address.
-                assert_eq!(classify_host(host), Ok(RequestHost::Ip("127.0.0.1".parse().unwrap())));
+                assert_eq!(
+                    classify_host(host),
+                    Ok(RequestHost::Ip("127.0.0.1".parse().unwrap()))
+                );
                 continue;
             }
             assert!(classify_host(host).is_err(), "{host}");
@@ -332,17 +379,36 @@ mod tests {
         let rule = HostRule::parse("127.0.0.1:8080").unwrap();
         assert!(rule.allows(&name("127.0.0.1"), 8080, 80));
         assert!(!rule.allows(&name("127.0.0.2"), 8080, 80));
-        assert!(!rule.allows(&name("localhost"), 8080, 80), "a name is not the literal");
+        assert!(
+            !rule.allows(&name("localhost"), 8080, 80),
+            "a name is not the literal"
+        );
 
         let v6 = HostRule::parse("[::1]:8080").unwrap();
         assert!(v6.allows(&name("[::1]"), 8080, 80));
         assert!(!v6.allows(&name("[::2]"), 8080, 80));
-        assert_eq!(HostRule::parse("::1").unwrap().host, HostPattern::Ip("::1".parse().unwrap()));
+        assert_eq!(
+            HostRule::parse("::1").unwrap().host,
+            HostPattern::Ip("::1".parse().unwrap())
+        );
     }
 
     #[test]
     fn invalid_entries_rejected() {
-        for entry in ["", "*", "*.com", "a.*.com", "*example.com", "host:0", "host:99999", "host:x", "[::1", "[::1]x", "under_score.com", "-a.com"] {
+        for entry in [
+            "",
+            "*",
+            "*.com",
+            "a.*.com",
+            "*example.com",
+            "host:0",
+            "host:99999",
+            "host:x",
+            "[::1",
+            "[::1]x",
+            "under_score.com",
+            "-a.com",
+        ] {
             assert!(HostRule::parse(entry).is_err(), "{entry:?}");
         }
     }
@@ -350,13 +416,33 @@ mod tests {
     #[test]
     fn non_public_addresses_detected() {
         for ip in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1",
-            "255.255.255.255", "224.0.0.1", "::1", "::", "fc00::1", "fd12::1", "fe80::1", "::ffff:127.0.0.1",
-            "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "::127.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "::127.0.0.1",
         ] {
             assert!(non_public_reason(ip.parse().unwrap()).is_some(), "{ip}");
         }
-        for ip in ["93.184.216.34", "140.82.112.3", "2606:4700::1111", "64:ff9b::808:808"] {
+        for ip in [
+            "93.184.216.34",
+            "140.82.112.3",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+        ] {
             assert_eq!(non_public_reason(ip.parse().unwrap()), None, "{ip}");
         }
     }

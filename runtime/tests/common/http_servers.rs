@@ -32,12 +32,17 @@ impl LocalServer {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Apex test CA");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Apex test CA");
         let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
 
         let leaf_key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&leaf_key, &ca).unwrap();
+        let leaf = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
 
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -71,7 +76,9 @@ impl LocalServer {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
                     match tls {
                         Some(config) => {
-                            let Ok(connection) = rustls::ServerConnection::new(config) else { return };
+                            let Ok(connection) = rustls::ServerConnection::new(config) else {
+                                return;
+                            };
                             let mut tls_stream = rustls::StreamOwned::new(connection, stream);
                             serve_one(&mut tls_stream, &count);
                         }
@@ -83,7 +90,11 @@ impl LocalServer {
                 });
             }
         });
-        LocalServer { port, requests, stop }
+        LocalServer {
+            port,
+            requests,
+            stop,
+        }
     }
 
     /// Returns how many requests reached the server.
@@ -118,12 +129,20 @@ fn serve_one<S: std::io::Read + Write>(stream: &mut S, count: &AtomicUsize) {
     let target = request_line.split(' ').nth(1).unwrap_or("/").to_string();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let param = |name: &str| {
-        query.split('&').find_map(|pair| pair.strip_prefix(name).and_then(|v| v.strip_prefix('=')).map(str::to_owned))
+        query.split('&').find_map(|pair| {
+            pair.strip_prefix(name)
+                .and_then(|v| v.strip_prefix('='))
+                .map(str::to_owned)
+        })
     };
 
     let (status, extra, body): (&str, String, Vec<u8>) = match path {
         "/" => ("200 OK", String::new(), HELLO.as_bytes().to_vec()),
-        "/redirect" => ("302 Found", format!("Location: {}\r\n", param("to").unwrap_or_default()), Vec::new()),
+        "/redirect" => (
+            "302 Found",
+            format!("Location: {}\r\n", param("to").unwrap_or_default()),
+            Vec::new(),
+        ),
         "/big" => {
             let size: usize = param("bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
             ("200 OK", String::new(), vec![b'b'; size])
