@@ -177,7 +177,7 @@ fn policy_check_command_prints_grants() {
         )),
         "{text}"
     );
-    assert!(text.contains("\"api.github.com\""), "{text}");
+    assert!(text.contains("api.github.com (default port)"), "{text}");
     assert!(text.contains("task 120 s"), "{text}");
 
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
