@@ -110,6 +110,9 @@ pub enum AuthError {
     /// The signature was already used.
     #[error("replayed request: this signature was already accepted; sign each request afresh")]
     Replay,
+    /// `X-TS` is earlier than the server's start, when its replay cache began.
+    #[error("X-TS is earlier than the server's last start; sign the request again")]
+    BeforeStart,
 }
 
 impl AuthError {
@@ -123,6 +126,7 @@ impl AuthError {
             AuthError::InvalidNonce => "invalid_nonce",
             AuthError::BadSignature => "bad_signature",
             AuthError::Replay => "replay",
+            AuthError::BeforeStart => "timestamp_before_start",
         }
     }
 }
@@ -154,18 +158,44 @@ pub fn parse_timestamp(value: &str) -> Result<u64, AuthError> {
 
 /// Verifies signed requests with one key and remembers accepted signatures
 /// until their timestamps leave the window.
+///
+/// The memory of accepted signatures starts empty, so a verifier also
+/// rejects timestamps earlier than its `not_before` time: a request signed
+/// before a restart cannot be replayed after it.
 pub struct Verifier {
     key: Vec<u8>,
+    not_before: u64,
     seen: Mutex<HashMap<[u8; 32], u64>>,
 }
 
 impl Verifier {
-    /// Creates a verifier for `key`, the UTF-8 bytes of the shared key.
-    pub fn new(key: Vec<u8>) -> Verifier {
+    /// Creates a verifier for `key`, the UTF-8 bytes of the shared key, that
+    /// accepts timestamps from Unix time `not_before` on.
+    pub fn new(key: Vec<u8>, not_before: u64) -> Verifier {
         Verifier {
             key,
+            not_before,
             seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Checks the format of `X-TS` and that it is inside the window around
+    /// `now`, before the body is read.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError::InvalidTimestamp`], [`AuthError::StaleTimestamp`] or
+    /// [`AuthError::BeforeStart`].
+    pub fn check_timestamp(&self, ts: &str, now: u64) -> Result<u64, AuthError> {
+        let ts = parse_timestamp(ts)?;
+        let skew = ts.abs_diff(now);
+        if skew > TOLERANCE_SECONDS {
+            return Err(AuthError::StaleTimestamp { skew });
+        }
+        if ts < self.not_before {
+            return Err(AuthError::BeforeStart);
+        }
+        Ok(ts)
     }
 
     /// Checks one request against the clock `now` (Unix seconds).
@@ -176,14 +206,8 @@ impl Verifier {
     /// constant time; a replay is detected only after the signature verifies,
     /// so unauthenticated traffic never fills the replay cache.
     pub fn verify(&self, request: &SignedRequest<'_>, now: u64) -> Result<(), AuthError> {
-        let ts = parse_timestamp(request.ts)?;
-        let skew = ts.abs_diff(now);
-        if skew > TOLERANCE_SECONDS {
-            return Err(AuthError::StaleTimestamp { skew });
-        }
-        if request.nonce.len() > MAX_NONCE_BYTES
-            || !request.nonce.bytes().all(|b| b.is_ascii_graphic())
-        {
+        let ts = self.check_timestamp(request.ts, now)?;
+        if request.nonce.len() > MAX_NONCE_BYTES || !request.nonce.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(AuthError::InvalidNonce);
         }
 
@@ -195,8 +219,7 @@ impl Verifier {
             request.nonce,
             request.body,
         );
-        let mut mac =
-            HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
         mac.update(text.as_bytes());
         mac.verify_slice(&signature)
             .map_err(|_| AuthError::BadSignature)?;
@@ -222,11 +245,7 @@ impl Verifier {
 
 /// Decodes a signature of exactly 64 lowercase hex characters.
 fn decode_signature(value: &str) -> Result<[u8; 32], AuthError> {
-    if value.len() != 64
-        || !value
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
+    if value.len() != 64 || !value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(AuthError::BadSignature);
     }
     let mut out = [0u8; 32];
@@ -269,17 +288,13 @@ mod tests {
             "１２",
             "99999999999999999999",
         ] {
-            assert_eq!(
-                parse_timestamp(bad),
-                Err(AuthError::InvalidTimestamp),
-                "{bad:?}"
-            );
+            assert_eq!(parse_timestamp(bad), Err(AuthError::InvalidTimestamp), "{bad:?}");
         }
     }
 
     #[test]
     fn window_is_tolerance_both_ways() {
-        let verifier = Verifier::new(KEY.to_vec());
+        let verifier = Verifier::new(KEY.to_vec(), 0);
         let now = 1_800_000_000;
 
         let early = (now - TOLERANCE_SECONDS).to_string();
@@ -307,15 +322,12 @@ mod tests {
 
     #[test]
     fn replay_rejected_until_timestamp_expires() {
-        let verifier = Verifier::new(KEY.to_vec());
+        let verifier = Verifier::new(KEY.to_vec(), 0);
         let ts = 1_800_000_000u64;
         let ts_text = ts.to_string();
         let (sig, _) = signed(&ts_text, "n");
 
-        assert_eq!(
-            verifier.verify(&request(&ts_text, &sig, "n"), ts + 10),
-            Ok(())
-        );
+        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + 10), Ok(()));
         assert_eq!(
             verifier.verify(&request(&ts_text, &sig, "n"), ts + 200),
             Err(AuthError::Replay)
@@ -333,7 +345,7 @@ mod tests {
 
     #[test]
     fn signature_must_be_lowercase_hex() {
-        let verifier = Verifier::new(KEY.to_vec());
+        let verifier = Verifier::new(KEY.to_vec(), 0);
         let ts = "1800000000";
         let (sig, _) = signed(ts, "");
         let upper = sig.to_ascii_uppercase();
@@ -345,15 +357,12 @@ mod tests {
             verifier.verify(&request(ts, &sig[..63], ""), 1_800_000_000),
             Err(AuthError::BadSignature)
         );
-        assert_eq!(
-            verifier.verify(&request(ts, &sig, ""), 1_800_000_000),
-            Ok(())
-        );
+        assert_eq!(verifier.verify(&request(ts, &sig, ""), 1_800_000_000), Ok(()));
     }
 
     #[test]
     fn nonce_rejects_control_characters() {
-        let verifier = Verifier::new(KEY.to_vec());
+        let verifier = Verifier::new(KEY.to_vec(), 0);
         let ts = "1800000000";
         let (sig, _) = signed(ts, "a b");
         assert_eq!(

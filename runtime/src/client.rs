@@ -55,8 +55,7 @@ impl Client {
     ///
     /// Fails when `url` is not an http URL.
     pub fn new(url: &str, key: &str) -> anyhow::Result<Client> {
-        let base =
-            reqwest::Url::parse(url).with_context(|| format!("invalid server URL {url:?}"))?;
+        let base = reqwest::Url::parse(url).with_context(|| format!("invalid server URL {url:?}"))?;
         if base.scheme() != "http" {
             anyhow::bail!("invalid server URL {url:?}: only http:// is supported");
         }

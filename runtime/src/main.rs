@@ -95,8 +95,7 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("APEX_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("APEX_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -139,11 +138,7 @@ fn print_reply(reply: apex::client::Reply) -> anyhow::Result<ExitCode> {
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve {
-            config,
-            data,
-            listen,
-        } => {
+        Command::Serve { config, data, listen } => {
             serve(ServeOptions {
                 config,
                 data,
@@ -174,8 +169,9 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let key = shared_key();
             apex::server::check_key(&key)?;
             let body = match (body_file, body) {
-                (Some(path), _) => std::fs::read(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?,
+                (Some(path), _) => {
+                    std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
+                }
                 (None, Some(text)) => text.into_bytes(),
                 (None, None) => Vec::new(),
             };
@@ -186,8 +182,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload { name, file } => {
-            let wasm =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let reply = client()?
                 .send(Method::PUT, &format!("/v1/plugins/{name}"), wasm)
                 .await?;
@@ -214,11 +209,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let code = print_reply(reply)?;
             Ok(if succeeded { code } else { ExitCode::FAILURE })
         }
-        Command::Plugins => print_reply(
-            client()?
-                .send(Method::GET, "/v1/plugins", Vec::new())
-                .await?,
-        ),
+        Command::Plugins => print_reply(client()?.send(Method::GET, "/v1/plugins", Vec::new()).await?),
         Command::Delete { name } => print_reply(
             client()?
                 .send(Method::DELETE, &format!("/v1/plugins/{name}"), Vec::new())

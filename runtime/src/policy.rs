@@ -133,6 +133,10 @@ const DEFAULT_OUTPUT_KIB: u64 = 1024;
 const DEFAULT_RESPONSE_MIB: u64 = 16;
 
 const MAX_SECONDS: u64 = 24 * 60 * 60;
+
+/// Directories that expose the host's processes, kernel or devices; no
+/// allowed path may be inside them.
+const SYSTEM_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
 const MAX_MEMORY_MIB: u64 = 4096;
 const MAX_UPLOAD_MIB: u64 = 1024;
 const MAX_INPUT_KIB: u64 = 64 * 1024;
@@ -239,15 +243,30 @@ impl Policy {
     ///
     /// Returns a [`PolicyError`] naming the key and value at fault.
     pub fn load(path: &Path, protected: &ProtectedPaths) -> Result<Policy, PolicyError> {
-        let text = std::fs::read(path).map_err(|source| PolicyError::Read {
+        let read_error = |source| PolicyError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        let source = path.canonicalize().map_err(|source| PolicyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Policy::parse(&text, &source, protected)
+        };
+        let text = std::fs::read(path).map_err(read_error)?;
+        let source = path.canonicalize().map_err(read_error)?;
+
+        // Another hard link to the file, inside an allowed directory, would
+        // let a task rewrite the policy the server loads next.
+        use std::os::unix::fs::MetadataExt;
+        let links = std::fs::metadata(&source).map_err(read_error)?.nlink();
+        if links > 1 {
+            return Err(PolicyError::Value {
+                path: source,
+                key: "(file)".into(),
+                message: format!(
+                    "the policy file has {links} hard links; keep a single link so no other path can change it"
+                ),
+            });
+        }
+
+        let mut protected = protected.clone();
+        protected.files.push(path.to_path_buf());
+        Policy::parse(&text, &source, &protected)
     }
 
     /// Validates policy text as if it were read from the file `source`,
@@ -256,17 +275,12 @@ impl Policy {
     /// # Errors
     ///
     /// Returns a [`PolicyError`] naming the key and value at fault.
-    pub fn parse(
-        text: &[u8],
-        source: &Path,
-        protected: &ProtectedPaths,
-    ) -> Result<Policy, PolicyError> {
+    pub fn parse(text: &[u8], source: &Path, protected: &ProtectedPaths) -> Result<Policy, PolicyError> {
         let sha256 = crate::auth::sha256_hex(text);
-        let raw: Option<RawPolicy> =
-            serde_yaml_ng::from_slice(text).map_err(|e| PolicyError::Syntax {
-                path: source.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let raw: Option<RawPolicy> = serde_yaml_ng::from_slice(text).map_err(|e| PolicyError::Syntax {
+            path: source.to_path_buf(),
+            message: e.to_string(),
+        })?;
         // An empty file is a policy that grants nothing.
         let raw = raw.unwrap_or_else(|| RawPolicy {
             shell_allow: Vec::new(),
@@ -280,10 +294,7 @@ impl Policy {
         let base = source.parent().unwrap_or(Path::new("/"));
 
         checker.check_strings("shell_allow", &raw.shell_allow)?;
-        checker.check_strings(
-            "network.http_allow_domains",
-            &raw.network.http_allow_domains,
-        )?;
+        checker.check_strings("network.http_allow_domains", &raw.network.http_allow_domains)?;
         let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
         checker.check_protected(&paths_allow, protected)?;
         let network = checker.network(base, &raw.network)?;
@@ -315,11 +326,7 @@ impl Policy {
             out.push_str("  none\n");
         }
         for allowed in &self.paths_allow {
-            out.push_str(&format!(
-                "  {} ({})\n",
-                allowed.path.display(),
-                allowed.mode
-            ));
+            out.push_str(&format!("  {} ({})\n", allowed.path.display(), allowed.mode));
         }
 
         out.push_str("outgoing HTTP hosts (http and https):\n");
@@ -424,23 +431,19 @@ impl Checker<'_> {
             let (written, mode) = match entry {
                 serde_yaml_ng::Value::String(path) => (path.clone(), PathMode::Rw),
                 serde_yaml_ng::Value::Mapping(_) => {
-                    let entry: RawPathEntry =
-                        serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
-                            self.error(
-                                &key,
-                                format!("{e}; expected a path or {{path: DIR, mode: rw|ro}}"),
-                            )
-                        })?;
+                    let entry: RawPathEntry = serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
+                        self.error(
+                            &key,
+                            format!("{e}; expected a path or {{path: DIR, mode: rw|ro}}"),
+                        )
+                    })?;
                     (entry.path, entry.mode)
                 }
                 _ => return Err(self.error(key, "expected a path or {path: DIR, mode: rw|ro}")),
             };
             let written = written.as_str();
             if written.trim().is_empty() {
-                return Err(self.error(
-                    key,
-                    "empty path; remove the entry (an empty list grants nothing)",
-                ));
+                return Err(self.error(key, "empty path; remove the entry (an empty list grants nothing)"));
             }
 
             let joined = base.join(written);
@@ -462,10 +465,7 @@ impl Checker<'_> {
             if path.to_str().is_none() {
                 return Err(self.error(
                     key,
-                    format!(
-                        "{} is not valid UTF-8, which WASI paths require",
-                        path.display()
-                    ),
+                    format!("{} is not valid UTF-8, which WASI paths require", path.display()),
                 ));
             }
             if path == Path::new("/") {
@@ -474,14 +474,37 @@ impl Checker<'_> {
                     "the root directory would expose the whole host; allow a narrower directory",
                 ));
             }
-            if let Some(earlier) = resolved.iter().position(|p| p.path == path) {
+            if let Some(system) = SYSTEM_DIRS.iter().find(|d| path.starts_with(d)) {
                 return Err(self.error(
                     key,
                     format!(
-                        "{written:?} is the same directory as paths_allow[{earlier}] ({})",
+                        "{} is inside {system}, which exposes the host's processes or devices",
                         path.display()
                     ),
                 ));
+            }
+            for (earlier, other) in resolved.iter().enumerate() {
+                if other.path == path {
+                    return Err(self.error(
+                        key,
+                        format!(
+                            "{written:?} is the same directory as paths_allow[{earlier}] ({})",
+                            path.display()
+                        ),
+                    ));
+                }
+                // A task could replace the inner directory with a symlink
+                // through the outer one, and the next run would follow it.
+                if other.path.starts_with(&path) || path.starts_with(&other.path) {
+                    return Err(self.error(
+                        key,
+                        format!(
+                            "{} and paths_allow[{earlier}] ({}) are nested; list only the outer directory, or move them apart",
+                            path.display(),
+                            other.path.display()
+                        ),
+                    ));
+                }
             }
 
             resolved.push(AllowedPath { path, mode });
@@ -494,38 +517,37 @@ impl Checker<'_> {
         allowed: &[AllowedPath],
         protected: &ProtectedPaths,
     ) -> Result<(), PolicyError> {
-        let mut trusted: Vec<(&str, PathBuf)> =
-            vec![("the policy file", self.source.to_path_buf())];
+        let mut trusted: Vec<(&str, &Path)> = vec![("the policy file", self.source)];
         if let Some(data_dir) = &protected.data_dir {
-            trusted.push(("the data directory", canonical_or_self(data_dir)));
+            trusted.push(("the data directory", data_dir));
         }
         for file in &protected.files {
-            trusted.push(("a file the server trusts", canonical_or_self(file)));
+            trusted.push(("a file the server trusts", file));
         }
 
         for (index, entry) in allowed.iter().enumerate() {
-            for (what, path) in &trusted {
-                if path.starts_with(&entry.path) || entry.path.starts_with(path) {
-                    return Err(self.error(
-                        format!("paths_allow[{index}]"),
-                        format!(
-                            "{} overlaps {what} ({}); tasks must never reach files the server trusts, so move one of them",
-                            entry.path.display(),
-                            path.display()
-                        ),
-                    ));
+            for (what, given) in &trusted {
+                // Check the path as given and every place a symlink along it
+                // leads to: a symlink inside an allowed directory is as
+                // writable to a task as a file there.
+                for path in path_forms(given) {
+                    if path.starts_with(&entry.path) || entry.path.starts_with(&path) {
+                        return Err(self.error(
+                            format!("paths_allow[{index}]"),
+                            format!(
+                                "{} overlaps {what} ({}); tasks must never reach files the server trusts, so move one of them",
+                                entry.path.display(),
+                                path.display()
+                            ),
+                        ));
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    fn seconds(
-        &self,
-        key: &str,
-        value: Option<u64>,
-        default: u64,
-    ) -> Result<Duration, PolicyError> {
+    fn seconds(&self, key: &str, value: Option<u64>, default: u64) -> Result<Duration, PolicyError> {
         let seconds = value.unwrap_or(default);
         if seconds == 0 || seconds > MAX_SECONDS {
             return Err(self.error(
@@ -556,16 +578,8 @@ impl Checker<'_> {
 
         Ok(Timeouts {
             task: self.seconds(task_key, task, DEFAULT_TASK_SECONDS)?,
-            shell: self.seconds(
-                "timeouts.shell_seconds",
-                raw.shell_seconds,
-                DEFAULT_SHELL_SECONDS,
-            )?,
-            http: self.seconds(
-                "timeouts.http_seconds",
-                raw.http_seconds,
-                DEFAULT_HTTP_SECONDS,
-            )?,
+            shell: self.seconds("timeouts.shell_seconds", raw.shell_seconds, DEFAULT_SHELL_SECONDS)?,
+            http: self.seconds("timeouts.http_seconds", raw.http_seconds, DEFAULT_HTTP_SECONDS)?,
         })
     }
 
@@ -580,10 +594,7 @@ impl Checker<'_> {
     ) -> Result<usize, PolicyError> {
         let amount = value.unwrap_or(default);
         if amount == 0 || amount > max {
-            return Err(self.error(
-                key,
-                format!("{amount} is out of range; use 1 to {max} {unit}"),
-            ));
+            return Err(self.error(key, format!("{amount} is out of range; use 1 to {max} {unit}")));
         }
         Ok((amount << unit_shift) as usize)
     }
@@ -631,8 +642,7 @@ impl Checker<'_> {
         let mut http_allow = Vec::new();
         for (index, entry) in raw.http_allow_domains.iter().enumerate() {
             let key = format!("network.http_allow_domains[{index}]");
-            let rule =
-                HostRule::parse(entry).map_err(|e| self.error(&key, format!("{entry:?}: {e}")))?;
+            let rule = HostRule::parse(entry).map_err(|e| self.error(&key, format!("{entry:?}: {e}")))?;
             if let Some(earlier) = http_allow.iter().position(|r| *r == rule) {
                 return Err(self.error(
                     key,
@@ -671,10 +681,7 @@ impl Checker<'_> {
                     )
                 })?;
                 if !path.is_file() {
-                    return Err(self.error(
-                        "network.ca_file",
-                        format!("{} is not a file", path.display()),
-                    ));
+                    return Err(self.error("network.ca_file", format!("{} is not a file", path.display())));
                 }
                 Some(path)
             }
@@ -689,6 +696,25 @@ impl Checker<'_> {
     }
 }
 
-fn canonical_or_self(path: &Path) -> PathBuf {
-    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+/// Returns `path` made absolute, and for each of its ancestors that exists,
+/// the ancestor's resolved location joined with the rest of the path. Every
+/// location a symlink along `path` leads to is in the list.
+fn path_forms(path: &Path) -> Vec<PathBuf> {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut forms = vec![absolute.clone()];
+    for ancestor in absolute.ancestors() {
+        let Ok(resolved) = ancestor.canonicalize() else {
+            continue;
+        };
+        let rest = absolute.strip_prefix(ancestor).unwrap_or(Path::new(""));
+        let form = if rest.as_os_str().is_empty() {
+            resolved
+        } else {
+            resolved.join(rest)
+        };
+        if !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
 }

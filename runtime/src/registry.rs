@@ -117,11 +117,7 @@ impl Registry {
     ///
     /// [`UploadError::Compile`] when the component is unusable,
     /// [`UploadError::Host`] when the server fails to store it.
-    pub async fn upload(
-        &self,
-        name: &str,
-        wasm: bytes::Bytes,
-    ) -> Result<PluginRecord, UploadError> {
+    pub async fn upload(&self, name: &str, wasm: bytes::Bytes) -> Result<PluginRecord, UploadError> {
         let engine = self.engine.clone();
         let compiled = {
             let _permit = self

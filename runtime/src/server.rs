@@ -1,13 +1,13 @@
 //! Starting and stopping the API server.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, BodyBudget};
 use crate::audit::AuditLog;
 use crate::auth::{MIN_KEY_BYTES, Verifier};
 use crate::engine::Engine;
@@ -84,15 +84,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         tracing::info!("{line}");
     }
 
-    let egress =
-        Arc::new(crate::net::egress_for(&policy).context("invalid network section in the policy")?);
+    // Room for two maximal bodies; more waits, then gets a 503.
+    let largest = policy.limits.upload_bytes.max(policy.limits.input_bytes);
+    let body_budget = BodyBudget::new(largest.saturating_mul(2));
+    let egress = Arc::new(crate::net::egress_for(&policy).context("invalid network section in the policy")?);
     let engine = Arc::new(Engine::new().context("cannot start the WebAssembly engine")?);
     let store = Arc::new(
         PluginStore::open(&data)
             .with_context(|| format!("cannot open the plugin store in {}", data.display()))?,
     );
-    let audit = AuditLog::open(&data)
-        .with_context(|| format!("cannot open the audit log in {}", data.display()))?;
+    let audit =
+        AuditLog::open(&data).with_context(|| format!("cannot open the audit log in {}", data.display()))?;
     let registry = Registry::load(engine.clone(), store).await?;
 
     let listener = tokio::net::TcpListener::bind(&options.listen)
@@ -116,21 +118,97 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         policy,
         egress,
         registry,
-        verifier: Verifier::new(options.key.into_bytes()),
+        verifier: Verifier::new(options.key.into_bytes(), crate::unix_now()),
         audit,
+        body_budget,
     });
 
     println!("apex listening on http://{local}");
     tracing::info!(address = %local, data = %data.display(), "server started");
 
-    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    accept_connections(listener, api::router(state.clone())).await;
 
     state.audit.record("server_stop", json!({}));
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Most connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// How long a client may take to send the request line and headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Serves HTTP/1.1 connections until SIGINT or SIGTERM, with a bound on
+/// open connections and on the time a client may take to send its headers.
+async fn accept_connections(listener: tokio::net::TcpListener, router: axum::Router) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut refused: u64 = 0;
+
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Usually out of file descriptors; wait for some to close.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%remote, refused, "too many open connections; closing new ones");
+            }
+            continue;
+        };
+
+        let service = router.clone().map_request(
+            move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(remote));
+                request
+            },
+        );
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service),
+            );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still running after {} s; stopping anyway",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
 }
 
 async fn shutdown_signal() {

@@ -91,7 +91,14 @@ impl PluginStore {
     ///
     /// Fails when the directory cannot be listed.
     pub fn list(&self) -> io::Result<Vec<PluginRecord>> {
+        Ok(self.scan()?.0)
+    }
+
+    /// Reads every record; returns the readable ones, sorted by name, and
+    /// whether any record could not be read.
+    fn scan(&self) -> io::Result<(Vec<PluginRecord>, bool)> {
         let mut records = Vec::new();
+        let mut damaged = false;
         for entry in self.plugins.entries()? {
             let entry = entry?;
             let file_name = entry.file_name();
@@ -104,22 +111,20 @@ impl PluginStore {
             match self.read_record(name) {
                 Ok(record) => records.push(record),
                 Err(e) => {
-                    tracing::warn!(plugin = name, error = %e, "skipping unreadable plugin record")
+                    damaged = true;
+                    tracing::warn!(plugin = name, error = %e, "skipping unreadable plugin record");
                 }
             }
         }
         records.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(records)
+        Ok((records, damaged))
     }
 
     fn read_record(&self, name: &str) -> io::Result<PluginRecord> {
         let text = self.plugins.read(format!("{name}.json"))?;
         let record: PluginRecord = serde_json::from_slice(&text).map_err(io::Error::other)?;
         if record.name != name {
-            return Err(io::Error::other(format!(
-                "record names plugin {:?}",
-                record.name
-            )));
+            return Err(io::Error::other(format!("record names plugin {:?}", record.name)));
         }
         Ok(record)
     }
@@ -174,11 +179,14 @@ impl PluginStore {
     }
 
     fn remove_unreferenced_blobs(&self) -> io::Result<()> {
-        let referenced: Vec<String> = self
-            .list()?
-            .into_iter()
-            .map(|r| blob_name(&r.sha256))
-            .collect();
+        let (records, damaged) = self.scan()?;
+        if damaged {
+            // The damaged record may point at a blob; keep every blob until
+            // an operator has repaired or removed it.
+            tracing::warn!("not removing unreferenced plugin blobs while a plugin record is unreadable");
+            return Ok(());
+        }
+        let referenced: Vec<String> = records.into_iter().map(|r| blob_name(&r.sha256)).collect();
         for entry in self.blobs.entries()? {
             let entry = entry?;
             let name = entry.file_name();
@@ -286,6 +294,22 @@ mod tests {
     }
 
     #[test]
+    fn damaged_record_keeps_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PluginStore::open(dir.path()).unwrap();
+        store.save(&record("p", b"one"), b"one").unwrap();
+        std::fs::write(dir.path().join("plugins/p.json"), b"{ not json").unwrap();
+
+        drop(store);
+        let store = PluginStore::open(dir.path()).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        let blobs = std::fs::read_dir(dir.path().join("plugins/blobs"))
+            .unwrap()
+            .count();
+        assert_eq!(blobs, 1, "the blob of the damaged record stays");
+    }
+
+    #[test]
     fn altered_blob_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let store = PluginStore::open(dir.path()).unwrap();
@@ -293,9 +317,7 @@ mod tests {
         store.save(&rec, b"one").unwrap();
 
         std::fs::write(
-            dir.path()
-                .join("plugins/blobs")
-                .join(blob_name(&rec.sha256)),
+            dir.path().join("plugins/blobs").join(blob_name(&rec.sha256)),
             b"evil",
         )
         .unwrap();

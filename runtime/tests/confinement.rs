@@ -14,10 +14,7 @@ fn probe(server: &TestServer, input: Value) -> Value {
 }
 
 fn assert_denied(result: &Value, what: &str) {
-    assert_eq!(
-        result["status"], "failed",
-        "{what} must be denied: {result}"
-    );
+    assert_eq!(result["status"], "failed", "{what} must be denied: {result}");
 }
 
 fn server_with_probe() -> TestServer {
@@ -62,10 +59,7 @@ fn read_only_directory_not_writable() {
         json!({ "op": "write", "path": ro.join("ref.txt"), "text": "changed" }),
     );
     assert_denied(&result, "overwriting a read-only file");
-    assert_eq!(
-        std::fs::read_to_string(ro.join("ref.txt")).unwrap(),
-        "reference"
-    );
+    assert_eq!(std::fs::read_to_string(ro.join("ref.txt")).unwrap(), "reference");
 }
 
 #[test]
@@ -122,10 +116,7 @@ fn symlinks_out_of_allowed_denied() {
         work.join("relative-link"),
     ] {
         let result = probe(&server, json!({ "op": "read", "path": path }));
-        assert_denied(
-            &result,
-            &format!("reading through symlink {}", path.display()),
-        );
+        assert_denied(&result, &format!("reading through symlink {}", path.display()));
         assert!(!result.to_string().contains("top secret"));
     }
 
@@ -139,10 +130,7 @@ fn symlinks_out_of_allowed_denied() {
     // A symlink that stays inside the allowed directory works.
     std::fs::write(work.join("inside.txt"), "fine").unwrap();
     std::os::unix::fs::symlink("inside.txt", work.join("inside-link")).unwrap();
-    let result = probe(
-        &server,
-        json!({ "op": "read", "path": work.join("inside-link") }),
-    );
+    let result = probe(&server, json!({ "op": "read", "path": work.join("inside-link") }));
     assert_eq!(result["output"], "fine", "{result}");
 }
 
@@ -182,10 +170,7 @@ fn sockets_denied() {
         let result = probe(&server, json!({ "op": "connect", "addr": target }));
         assert_denied(&result, &format!("connecting to {target}"));
     }
-    assert!(
-        listener.accept().is_err(),
-        "no connection may reach the listener"
-    );
+    assert!(listener.accept().is_err(), "no connection may reach the listener");
 
     let result = probe(&server, json!({ "op": "resolve", "host": "localhost" }));
     assert_denied(&result, "name lookup");
@@ -225,10 +210,7 @@ fn infinite_loop_times_out_and_server_keeps_serving() {
     let response = looping.join().unwrap();
     let result = response.json();
     assert_eq!(result["status"], "timed_out", "{result}");
-    assert!(
-        result["error"].as_str().unwrap().contains("2 s"),
-        "{result}"
-    );
+    assert!(result["error"].as_str().unwrap().contains("2 s"), "{result}");
     let duration = result["duration_ms"].as_u64().unwrap();
     assert!((2000..4000).contains(&duration), "{duration} ms");
 }
@@ -313,10 +295,7 @@ fn output_beyond_cap_truncated_and_flagged() {
     assert_eq!(result["stdout_truncated"], true);
     assert_eq!(result["stderr_truncated"], true);
     assert!(
-        result["warning"]
-            .as_str()
-            .unwrap()
-            .contains("1000000 bytes"),
+        result["warning"].as_str().unwrap().contains("1000000 bytes"),
         "{result}"
     );
 }

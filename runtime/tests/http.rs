@@ -46,10 +46,7 @@ fn assert_denied(server: &TestServer, result: &Value, reason: &str) {
     assert_eq!(denials.len(), 1, "{result}");
     assert_eq!(denials[0]["capability"], "http");
     let recorded = denials[0]["reason"].as_str().unwrap();
-    assert!(
-        recorded.contains(reason),
-        "expected {reason:?} in {recorded:?}"
-    );
+    assert!(recorded.contains(reason), "expected {reason:?} in {recorded:?}");
 
     assert!(
         server
@@ -71,11 +68,7 @@ fn allowed_private() -> &'static str {
 #[test]
 fn allowed_host_succeeds_end_to_end() {
     let upstream = LocalServer::http();
-    let server = apex(
-        &[format!("api.test:{}", upstream.port)],
-        allowed_private(),
-        "",
-    );
+    let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");
 
     let result = fetch(
         &server,
@@ -97,23 +90,14 @@ fn allowed_host_succeeds_end_to_end() {
         decisions[0]["target"],
         format!("http://api.test:{}", upstream.port)
     );
-    assert!(
-        decisions[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("127.0.0.1")
-    );
+    assert!(decisions[0]["reason"].as_str().unwrap().contains("127.0.0.1"));
     assert_eq!(upstream.requests(), 1);
 }
 
 #[test]
 fn unlisted_host_denied_before_connecting() {
     let upstream = LocalServer::http();
-    let server = apex(
-        &[format!("api.test:{}", upstream.port)],
-        allowed_private(),
-        "",
-    );
+    let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");
 
     let result = fetch(
         &server,
@@ -144,20 +128,14 @@ fn wildcard_matches_subdomains_only() {
     let port = upstream.port;
     let server = apex(&[format!("*.wild.test:{port}")], allowed_private(), "");
 
-    let result = fetch(
-        &server,
-        json!({ "url": format!("http://a.wild.test:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("http://a.wild.test:{port}/") }));
     assert_eq!(result["status"], "succeeded", "{result}");
 
     for host in ["wild.test", "evilwild.test"] {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "failed", "{host}: {result}");
         assert!(
-            result["error"]
-                .as_str()
-                .unwrap()
-                .contains("HttpRequestDenied"),
+            result["error"].as_str().unwrap().contains("HttpRequestDenied"),
             "{host}: {result}"
         );
     }
@@ -199,10 +177,7 @@ fn case_and_trailing_dot_ignored() {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "succeeded", "{host}: {result}");
     }
-    let result = fetch(
-        &server,
-        json!({ "url": format!("http://api.test..:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("http://api.test..:{port}/") }));
     assert_eq!(
         result["status"], "failed",
         "two trailing dots are not the same name"
@@ -255,10 +230,7 @@ fn ip_literal_spellings_denied() {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "failed", "{host}: {result}");
         assert!(
-            result["error"]
-                .as_str()
-                .unwrap()
-                .contains("HttpRequestDenied"),
+            result["error"].as_str().unwrap().contains("HttpRequestDenied"),
             "{host}: {result}"
         );
     }
@@ -272,15 +244,9 @@ fn listed_ip_literal_allowed_even_when_loopback() {
     // No allow_private_addresses: the operator named the literal address.
     let server = apex(&[format!("127.0.0.1:{port}")], "", "");
 
-    let result = fetch(
-        &server,
-        json!({ "url": format!("http://127.0.0.1:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("http://127.0.0.1:{port}/") }));
     assert_eq!(result["status"], "succeeded", "{result}");
-    let result = fetch(
-        &server,
-        json!({ "url": format!("http://2130706433:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("http://2130706433:{port}/") }));
     assert_eq!(
         result["status"], "failed",
         "an odd spelling of a listed literal is still denied"
@@ -291,17 +257,10 @@ fn listed_ip_literal_allowed_even_when_loopback() {
 fn name_resolving_to_loopback_denied() {
     let upstream = LocalServer::http();
     let port = upstream.port;
-    let server = apex(
-        &[format!("api.test:{port}"), format!("localhost:{port}")],
-        "",
-        "",
-    );
+    let server = apex(&[format!("api.test:{port}"), format!("localhost:{port}")], "", "");
 
     // Pinned through network.resolve.
-    let result = fetch(
-        &server,
-        json!({ "url": format!("http://api.test:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/") }));
     assert_denied(&server, &result, "not a public address");
     assert!(
         result["decisions"][0]["reason"]
@@ -311,10 +270,7 @@ fn name_resolving_to_loopback_denied() {
     );
 
     // Resolved by the system resolver.
-    let result = fetch(
-        &server,
-        json!({ "url": format!("http://localhost:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("http://localhost:{port}/") }));
     assert_eq!(result["status"], "failed", "{result}");
     assert!(
         result["decisions"][0]["reason"]
@@ -343,11 +299,7 @@ fn redirect_to_unlisted_host_not_followed() {
     );
     assert_eq!(result["output"]["status"], 302);
     assert_eq!(result["output"]["location"], location.as_str());
-    assert_eq!(
-        upstream.requests(),
-        1,
-        "the host did not follow the redirect"
-    );
+    assert_eq!(upstream.requests(), 1, "the host did not follow the redirect");
 
     let result = fetch(&server, json!({ "url": location }));
     assert_denied(&server, &result, "not in network.http_allow_domains");
@@ -360,16 +312,10 @@ fn other_schemes_denied() {
     let server = apex(&[format!("api.test:{port}")], allowed_private(), "");
 
     for scheme in ["ftp", "file", "gopher"] {
-        let result = fetch(
-            &server,
-            json!({ "url": format!("{scheme}://api.test:{port}/") }),
-        );
+        let result = fetch(&server, json!({ "url": format!("{scheme}://api.test:{port}/") }));
         assert_eq!(result["status"], "failed", "{scheme}: {result}");
         assert!(
-            result["error"]
-                .as_str()
-                .unwrap()
-                .contains("HttpRequestDenied"),
+            result["error"].as_str().unwrap().contains("HttpRequestDenied"),
             "{scheme}: {result}"
         );
     }
@@ -393,20 +339,14 @@ fn hanging_server_times_out_at_http_seconds() {
     );
     let elapsed = started.elapsed();
     assert_eq!(result["status"], "failed", "{result}");
-    assert!(
-        result["error"].as_str().unwrap().contains("Timeout"),
-        "{result}"
-    );
+    assert!(result["error"].as_str().unwrap().contains("Timeout"), "{result}");
     assert!(
         elapsed < Duration::from_secs(5),
         "a task cannot extend http_seconds: took {elapsed:?}"
     );
 
     // The server keeps serving.
-    let result = fetch(
-        &server,
-        json!({ "url": format!("http://api.test:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("http://api.test:{port}/") }));
     assert_eq!(result["status"], "succeeded");
 }
 
@@ -483,10 +423,7 @@ fn https_with_test_ca_succeeds() {
         ca.path().display()
     );
     let server = apex(&[format!("secure.test:{port}")], &extra, "");
-    let result = fetch(
-        &server,
-        json!({ "url": format!("https://secure.test:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("https://secure.test:{port}/") }));
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["output"]["bytes"], HELLO.len());
 }
@@ -496,15 +433,9 @@ fn https_without_test_ca_fails() {
     let (upstream, _ca_pem) = LocalServer::https(&["secure.test"]);
     let port = upstream.port;
     let server = apex(&[format!("secure.test:{port}")], allowed_private(), "");
-    let result = fetch(
-        &server,
-        json!({ "url": format!("https://secure.test:{port}/") }),
-    );
+    let result = fetch(&server, json!({ "url": format!("https://secure.test:{port}/") }));
     assert_eq!(result["status"], "failed", "{result}");
-    assert!(
-        result["error"].as_str().unwrap().contains("Tls"),
-        "{result}"
-    );
+    assert!(result["error"].as_str().unwrap().contains("Tls"), "{result}");
 }
 
 #[test]
@@ -515,10 +446,7 @@ fn invalid_network_policy_rejected() {
             "network: {http_allow_domains: [\"a.*.com\"]}\n",
             "network.http_allow_domains[0]",
         ),
-        (
-            "network: {http_allow_domains: [\"*.com\"]}\n",
-            "top-level domain",
-        ),
+        ("network: {http_allow_domains: [\"*.com\"]}\n", "top-level domain"),
         (
             "network: {http_allow_domains: [\"host:99999\"]}\n",
             "invalid port",

@@ -13,10 +13,7 @@ fn hello_greets_by_name() {
     let result = server.run("hello", json!({ "input": { "name": "Ada" } }));
     assert_eq!(result["status"], "succeeded", "{result}");
     assert!(
-        result["output"]["greeting"]
-            .as_str()
-            .unwrap()
-            .contains("Ada"),
+        result["output"]["greeting"].as_str().unwrap().contains("Ada"),
         "{result}"
     );
     assert!(result["duration_ms"].is_u64());
@@ -72,10 +69,7 @@ fn upload_returns_digest_size_and_kind() {
     assert_eq!(server.upload("echo-cli", &echo).json()["kind"], "command");
 
     let audit = server.audit();
-    let uploads: Vec<_> = audit
-        .iter()
-        .filter(|e| e["kind"] == "plugin_upload")
-        .collect();
+    let uploads: Vec<_> = audit.iter().filter(|e| e["kind"] == "plugin_upload").collect();
     assert_eq!(uploads.len(), 2);
     assert_eq!(uploads[0]["sha256"], record["sha256"]);
 }
@@ -167,12 +161,7 @@ fn invalid_names_rejected() {
 #[test]
 fn garbage_upload_rejected() {
     let server = TestServer::start();
-    for body in [
-        &b""[..],
-        b"hello",
-        b"\0asm",
-        b"\x7fELF\x02\x01\x01\0\0\0\0\0",
-    ] {
+    for body in [&b""[..], b"hello", b"\0asm", b"\x7fELF\x02\x01\x01\0\0\0\0\0"] {
         let response = server.upload("junk", body);
         assert_eq!(response.status, 400, "{body:?}");
         assert_eq!(response.error_code(), "invalid_component");
@@ -210,10 +199,7 @@ fn core_module_rejected_with_hint() {
     // The smallest valid core module: magic and version 1, no sections.
     let response = server.upload("core", b"\0asm\x01\0\0\0");
     assert_eq!(response.status, 400);
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.contains("core module"), "{message}");
     assert!(message.contains("component"), "{message}");
 }
@@ -231,10 +217,7 @@ fn unsupported_import_named() {
         "{}",
         String::from_utf8_lossy(&response.body)
     );
-    let message = response.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.contains("acme:missing/thing"), "{message}");
 }
 
@@ -250,6 +233,49 @@ fn component_without_entry_point_rejected() {
             .unwrap()
             .contains("wasi:cli/run")
     );
+}
+
+#[test]
+fn upload_over_two_mib_reaches_validation() {
+    let server = TestServer::start();
+    // A valid component of 3 MiB with no entry point: the body limit must let
+    // it through to validation (componentize-py components are about 20 MB).
+    let data = "a".repeat(3 << 20);
+    let wasm = wat::parse_str(format!(
+        "(component (core module (memory 64) (data (i32.const 0) \"{data}\")))"
+    ))
+    .unwrap();
+    let response = server.upload("large", &wasm);
+    assert_eq!(
+        response.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert!(
+        response.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exports neither")
+    );
+}
+
+#[test]
+fn task_output_over_limit_fails_run() {
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {output_kib: 4}\n".into(),
+    });
+    server.upload_plugin("probe");
+    let padding = "p".repeat(5000);
+    let result = server.run("probe", json!({ "input": { "op": "echo", "message": padding } }));
+    assert_eq!(result["status"], "failed", "{result}");
+    assert!(
+        result["error"].as_str().unwrap().contains("more than the 4 KiB"),
+        "{result}"
+    );
+
+    let small = server.run("probe", json!({ "input": { "op": "echo", "message": "short" } }));
+    assert_eq!(small["status"], "succeeded");
 }
 
 #[test]
@@ -284,8 +310,7 @@ fn malformed_run_requests_rejected() {
         assert_eq!(response.error_code(), "invalid_json", "{body}");
     }
 
-    let response =
-        server.send(&Request::new("POST", "/v1/plugins/hello/run", r#"{"args":["x"]}"#).signed());
+    let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", r#"{"args":["x"]}"#).signed());
     assert_eq!(response.status, 400);
     assert_eq!(response.error_code(), "args_not_supported");
 
@@ -351,22 +376,17 @@ fn command_plugin_gets_args_and_stdin() {
     );
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["exit_code"], 0);
-    let line: serde_json::Value =
-        serde_json::from_str(result["stdout"].as_str().unwrap().trim()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(result["stdout"].as_str().unwrap().trim()).unwrap();
     assert_eq!(line["args"], json!(["echo-cli", "--flag", "value"]));
     assert_eq!(line["stdin"], r#"{"x":1}"#);
     assert_eq!(result["stderr"], "echo-cli: 3 argument(s)\n");
 
     let failed = server.run("echo-cli", json!({ "args": ["--exit", "3"] }));
     assert_eq!(failed["status"], "failed");
-    assert_eq!(
-        failed["exit_code"], 1,
-        "WASI 0.2 reports failure as exit code 1"
-    );
+    assert_eq!(failed["exit_code"], 1, "WASI 0.2 reports failure as exit code 1");
 
     let no_input = server.run("echo-cli", json!({}));
-    let line: serde_json::Value =
-        serde_json::from_str(no_input["stdout"].as_str().unwrap().trim()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(no_input["stdout"].as_str().unwrap().trim()).unwrap();
     assert_eq!(line["stdin"], "", "a run without input has empty stdin");
 }
 
@@ -402,21 +422,12 @@ fn altered_component_not_loaded_on_restart() {
     server.stop();
 
     let blobs = server.data().join("plugins/blobs");
-    let blob = std::fs::read_dir(&blobs)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let blob = std::fs::read_dir(&blobs).unwrap().next().unwrap().unwrap().path();
     let probe = std::fs::read(common::plugin("probe")).unwrap();
     std::fs::write(&blob, probe).unwrap();
 
     server.spawn();
     let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", "{}").signed());
     assert_eq!(response.status, 404, "an altered component must not run");
-    assert!(
-        server.log().contains("the file was altered"),
-        "{}",
-        server.log()
-    );
+    assert!(server.log().contains("the file was altered"), "{}", server.log());
 }

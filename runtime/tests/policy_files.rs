@@ -123,9 +123,7 @@ fn overlap_with_data_directory_rejected() {
         data_dir: Some(root.path().to_path_buf()),
         files: Vec::new(),
     };
-    let error = Policy::load(&policy_file, &outside)
-        .unwrap_err()
-        .to_string();
+    let error = Policy::load(&policy_file, &outside).unwrap_err().to_string();
     assert!(error.contains("overlaps"), "{error}");
 
     // A trusted file such as `.env` inside an allowed path.
@@ -135,10 +133,7 @@ fn overlap_with_data_directory_rejected() {
         files: vec![work.join(".env")],
     };
     let error = Policy::load(&policy_file, &dotenv).unwrap_err().to_string();
-    assert!(
-        error.contains("overlaps a file the server trusts"),
-        "{error}"
-    );
+    assert!(error.contains("overlaps a file the server trusts"), "{error}");
 
     // A symlink to the data directory is resolved before the check.
     let data = root.path().join("data");
@@ -149,9 +144,7 @@ fn overlap_with_data_directory_rejected() {
         data_dir: Some(data),
         files: Vec::new(),
     };
-    let error = Policy::load(&policy_file, &aliased)
-        .unwrap_err()
-        .to_string();
+    let error = Policy::load(&policy_file, &aliased).unwrap_err().to_string();
     assert!(error.contains("overlaps the data directory"), "{error}");
 }
 
@@ -186,7 +179,50 @@ fn policy_check_command_prints_grants() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("differs from timeouts.python_seconds")
-    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("differs from timeouts.python_seconds"));
+}
+
+#[test]
+fn policy_reachable_through_symlink_rejected() {
+    let root = tempfile::tempdir().unwrap();
+    let share = root.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let real = root.path().join("real-policy.yaml");
+    std::fs::write(&real, "paths_allow: [./share]\n").unwrap();
+    // The policy is loaded through a symlink that lives in the allowed directory.
+    std::os::unix::fs::symlink(&real, share.join("policy.yaml")).unwrap();
+
+    // Relative paths resolve against the real file's directory, so ./share is allowed.
+    let error = Policy::load(&share.join("policy.yaml"), &protected())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("overlaps a file the server trusts"), "{error}");
+
+    // The data directory given through a symlink inside an allowed path.
+    std::os::unix::fs::symlink(root.path().join("elsewhere"), share.join("datalink")).unwrap();
+    let data_link = ProtectedPaths {
+        data_dir: Some(share.join("datalink")),
+        files: Vec::new(),
+    };
+    let error = Policy::load(&real, &data_link).unwrap_err().to_string();
+    assert!(error.contains("overlaps the data directory"), "{error}");
+
+    // A data directory that does not exist yet inside an allowed path.
+    let missing = ProtectedPaths {
+        data_dir: Some(share.join("not-yet/data")),
+        files: Vec::new(),
+    };
+    let error = Policy::load(&real, &missing).unwrap_err().to_string();
+    assert!(error.contains("overlaps the data directory"), "{error}");
+}
+
+#[test]
+fn hard_linked_policy_rejected() {
+    let root = tempfile::tempdir().unwrap();
+    let policy = root.path().join("policy.yaml");
+    std::fs::write(&policy, "").unwrap();
+    std::fs::hard_link(&policy, root.path().join("second-name.yaml")).unwrap();
+
+    let error = Policy::load(&policy, &protected()).unwrap_err().to_string();
+    assert!(error.contains("2 hard links"), "{error}");
 }

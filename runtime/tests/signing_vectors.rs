@@ -92,11 +92,11 @@ fn check(vector: &Vector) {
         body: &vector.body,
     };
     let now: u64 = vector.ts.parse().unwrap();
-    let verifier = Verifier::new(vector.key.as_bytes().to_vec());
+    let verifier = Verifier::new(vector.key.as_bytes().to_vec(), 0);
     assert_eq!(verifier.verify(&request, now), Ok(()), "{label}: verifies");
 
     // The same request under another key must fail.
-    let other = Verifier::new(b"a different key, thirty-two bytes+".to_vec());
+    let other = Verifier::new(b"a different key, thirty-two bytes+".to_vec(), 0);
     assert!(
         other.verify(&request, now).is_err(),
         "{label}: another key must not verify"
@@ -116,18 +116,13 @@ fn reference_vectors_verify() {
 fn extra_vectors_verify() {
     let vectors = load("extra-signing-vectors.json");
     let targets: Vec<&str> = vectors.iter().map(|v| v.target.as_str()).collect();
-    assert!(
-        targets.contains(&"/v1/plugins?"),
-        "a bare `?` query is covered"
-    );
+    assert!(targets.contains(&"/v1/plugins?"), "a bare `?` query is covered");
     assert!(
         targets.iter().any(|t| t.contains('%')),
         "a percent-encoded query is covered"
     );
     assert!(
-        vectors
-            .iter()
-            .any(|v| std::str::from_utf8(&v.body).is_err()),
+        vectors.iter().any(|v| std::str::from_utf8(&v.body).is_err()),
         "a binary body is covered"
     );
     for vector in &vectors {

@@ -2,22 +2,64 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::AppState;
 use super::error::ApiError;
 use crate::auth::{AuthError, HEADER_NONCE, HEADER_SIG, HEADER_TS, SignedRequest};
 
+/// Longest request target written to logs and the audit log, in bytes.
+const MAX_LOGGED_TARGET: usize = 200;
+
+/// How long a client may take to send a whole request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a request waits for room in the body budget before a 503.
+const BUDGET_WAIT: Duration = Duration::from_secs(5);
+
+/// Memory for request bodies being read or handled, shared by all requests.
+///
+/// Bodies must be read before their signature can be checked, so an
+/// unauthenticated client can make the server hold one; the budget bounds
+/// what all of them together may hold.
+pub struct BodyBudget {
+    kib: Arc<Semaphore>,
+}
+
+impl BodyBudget {
+    /// Creates a budget of `bytes`, rounded up to whole KiB.
+    pub fn new(bytes: usize) -> BodyBudget {
+        let kib = bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS);
+        BodyBudget {
+            kib: Arc::new(Semaphore::new(kib)),
+        }
+    }
+
+    async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).ok()?;
+        tokio::time::timeout(BUDGET_WAIT, self.kib.clone().acquire_many_owned(kib))
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
 /// Verifies the signature of a request before it reaches a handler.
 ///
-/// The body is read here, up to the largest body any route accepts, because
-/// its digest is signed; the handler then gets the same bytes.
+/// Headers and the timestamp are checked first, so a request that can never
+/// pass costs no body read. The body is then read, within the route's limit
+/// and the shared [`BodyBudget`], because its digest is signed; the handler
+/// gets the same bytes.
 pub async fn authenticate(
     State(state): State<Arc<AppState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -31,31 +73,20 @@ pub async fn authenticate(
     let target = parts
         .uri
         .path_and_query()
-        .map(|pq| pq.as_str().to_owned())
-        .unwrap_or_else(|| parts.uri.path().to_owned());
-    let span = tracing::info_span!("request", %method, %target, %remote);
+        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    let logged_target = crate::truncate_text(&target, MAX_LOGGED_TARGET);
+    let span = tracing::info_span!("request", %method, target = %logged_target, %remote);
 
     async move {
-        let body = match axum::body::to_bytes(body, state.max_body_bytes()).await {
-            Ok(body) => body,
-            Err(_) => {
-                return ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!(
-                        "request body is larger than {} bytes (limits.upload_mib and limits.input_kib)",
-                        state.max_body_bytes()
-                    ),
-                )
-                .into_response();
-            }
-        };
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            return ApiError::bad_request(
+                "absolute_target",
+                "the request target must be a path (origin form), such as /v1/plugins",
+            )
+            .into_response();
+        }
 
-        let checked = headers(&parts.headers).and_then(|(ts, signature, nonce)| {
-            let signed = SignedRequest { ts, signature, nonce, method: &method, target: &target, body: &body };
-            state.verifier.verify(&signed, crate::unix_now())
-        });
-        if let Err(error) = checked {
+        let reject = |error: AuthError| {
             tracing::warn!(code = error.code(), %remote, "authentication failed: {error}");
             state.audit.record(
                 "auth_failure",
@@ -63,24 +94,124 @@ pub async fn authenticate(
                     "remote": remote.to_string(),
                     "check": error.code(),
                     "method": method,
-                    "target": target,
+                    "target": logged_target,
                 }),
             );
-            return ApiError::new(StatusCode::UNAUTHORIZED, error.code(), error.to_string()).into_response();
+            ApiError::new(StatusCode::UNAUTHORIZED, error.code(), error.to_string()).into_response()
+        };
+
+        let (ts, signature, nonce) = match headers(&parts.headers) {
+            Ok(values) => values,
+            Err(error) => return reject(error),
+        };
+        let now = crate::unix_now();
+        if let Err(error) = state.verifier.check_timestamp(ts, now) {
+            return reject(error);
         }
 
-        let request = Request::from_parts(parts, Body::from(body));
+        let limit = state.body_limit(&parts.method);
+        let (body, _reservation) = match read_body(body, &parts.headers, limit, &state.body_budget).await {
+            Ok(read) => read,
+            Err(error) => return error.into_response(),
+        };
+
+        let signed = SignedRequest {
+            ts,
+            signature,
+            nonce,
+            method: &method,
+            target: &target,
+            body: &body,
+        };
+        if let Err(error) = state.verifier.verify(&signed, now) {
+            return reject(error);
+        }
+
+        let request = Request::from_parts(parts.clone(), Body::from(body));
         next.run(request).await
     }
     .instrument(span)
     .await
 }
 
+/// Reads a body of at most `limit` bytes, reserving room for it in `budget`
+/// as it arrives.
+async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    budget: &BodyBudget,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "request body is larger than the {limit} bytes this route accepts (limits.upload_mib, limits.input_kib)"
+            ),
+        )
+    };
+    let busy = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_busy",
+            "too many request bodies in flight; retry shortly",
+        )
+    };
+
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+
+    let read = async {
+        let mut buffer = BytesMut::new();
+        let mut reservation: Option<OwnedSemaphorePermit> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else { continue };
+            if buffer.len() + data.len() > limit {
+                return Err(too_large());
+            }
+
+            // Reserve whole KiB ahead of the bytes held, so small chunks do
+            // not each take a permit.
+            let held = reservation.as_ref().map_or(0, |p| p.num_permits() * 1024);
+            let needed = buffer.len() + data.len();
+            if needed > held {
+                let more = budget.reserve(needed - held).await.ok_or_else(busy)?;
+                match reservation.as_mut() {
+                    Some(permit) => permit.merge(more),
+                    None => reservation = Some(more),
+                }
+            }
+            buffer.extend_from_slice(&data);
+        }
+        Ok((buffer.freeze(), reservation))
+    };
+
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
 /// Extracts `X-TS`, `X-SIG` and the optional `X-Nonce`, each at most once.
 fn headers(headers: &HeaderMap) -> Result<(&str, &str, &str), AuthError> {
     let ts = single(headers, HEADER_TS, "X-TS")?.ok_or(AuthError::MissingHeader("X-TS"))?;
-    let signature =
-        single(headers, HEADER_SIG, "X-SIG")?.ok_or(AuthError::MissingHeader("X-SIG"))?;
+    let signature = single(headers, HEADER_SIG, "X-SIG")?.ok_or(AuthError::MissingHeader("X-SIG"))?;
 
     // A value that is not visible ASCII cannot be one the client signed.
     let ts = ts.to_str().map_err(|_| AuthError::InvalidTimestamp)?;
@@ -103,4 +234,15 @@ fn single<'a>(
         return Err(AuthError::RepeatedHeader(display));
     }
     Ok(first)
+}
+
+impl AppState {
+    /// Largest body the route of `method` accepts: uploads use `PUT`.
+    fn body_limit(&self, method: &Method) -> usize {
+        if method == Method::PUT {
+            self.policy.limits.upload_bytes
+        } else {
+            self.policy.limits.input_bytes
+        }
+    }
 }

@@ -6,6 +6,7 @@
 mod auth;
 mod error;
 
+pub use self::auth::BodyBudget;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -40,16 +41,8 @@ pub struct AppState {
     pub verifier: Verifier,
     /// The audit log.
     pub audit: AuditLog,
-}
-
-impl AppState {
-    /// Largest request body any route accepts.
-    fn max_body_bytes(&self) -> usize {
-        self.policy
-            .limits
-            .upload_bytes
-            .max(self.policy.limits.input_bytes)
-    }
+    /// Memory for request bodies, shared by all requests.
+    pub body_budget: BodyBudget,
 }
 
 /// Builds the router.
@@ -65,7 +58,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
-        ));
+        ))
+        // The authentication layer enforces each route's body limit.
+        .layer(axum::extract::DefaultBodyLimit::disable());
 
     Router::new()
         .route("/healthz", get(healthz))
@@ -169,6 +164,9 @@ async fn delete_plugin(
     Ok(Json(json!({ "deleted": name, "sha256": removed.sha256 })))
 }
 
+/// Longest run error written to the audit log, in bytes.
+const MAX_AUDITED_ERROR: usize = 1024;
+
 /// Body of `POST /v1/plugins/{name}/run`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,7 +245,12 @@ async fn run_plugin(
     );
     state.audit.record(
         "run",
-        json!({ "plugin": name, "sha256": plugin.record.sha256, "status": outcome.status, "error": outcome.error }),
+        json!({
+            "plugin": name,
+            "sha256": plugin.record.sha256,
+            "status": outcome.status,
+            "error": outcome.error.as_deref().map(|e| crate::truncate_text(e, MAX_AUDITED_ERROR)),
+        }),
     );
     Ok(Json(run_response(
         &name,
@@ -259,9 +262,10 @@ async fn run_plugin(
 /// Builds the JSON result of a run.
 fn run_response(plugin: &str, outcome: &RunOutcome, output_limit: usize) -> Value {
     // Output that parses as JSON is returned as JSON, anything else as a string.
-    let output = outcome.output.as_deref().map(|text| {
-        serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_owned()))
-    });
+    let output = outcome
+        .output
+        .as_deref()
+        .map(|text| serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_owned())));
 
     let mut body = json!({
         "plugin": plugin,

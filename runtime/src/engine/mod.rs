@@ -221,8 +221,8 @@ impl Engine {
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, CompileError> {
         check_header(bytes)?;
 
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -248,8 +248,7 @@ impl Engine {
             .exports(&self.engine)
             .any(|(name, _)| name.starts_with(COMMAND_EXPORT_PREFIX));
         if exports_command {
-            let command =
-                CommandPre::new(pre).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+            let command = CommandPre::new(pre).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
             return Ok(CompiledPlugin {
                 kind: PluginKind::Command,
                 prepared: Prepared::Command(command),
@@ -329,7 +328,7 @@ impl Engine {
             Ok(Err(e)) => {
                 let message = match limiter.exceeded() {
                     Some(requested) => format!(
-                        "memory limit exceeded: a linear memory requested {} MiB, the limit is {} MiB per linear memory (limits.memory_mib)",
+                        "memory limit exceeded: the run's linear memories would need {} MiB, the limit is {} MiB for all of them (limits.memory_mib)",
                         requested.div_ceil(1 << 20),
                         limiter.memory_bytes() >> 20
                     ),
@@ -337,10 +336,19 @@ impl Engine {
                 };
                 finish(RunStatus::Failed, None, None, Some(message))
             }
-            Ok(Ok(Ended::Returned(Ok(output)))) => {
-                finish(RunStatus::Succeeded, Some(output), None, None)
-            }
+            Ok(Ok(Ended::Returned(Ok(output)))) if output.len() > policy.limits.output_bytes => finish(
+                RunStatus::Failed,
+                None,
+                None,
+                Some(format!(
+                    "the task returned {} bytes of output, more than the {} KiB allowed (limits.output_kib)",
+                    output.len(),
+                    policy.limits.output_bytes >> 10
+                )),
+            ),
+            Ok(Ok(Ended::Returned(Ok(output)))) => finish(RunStatus::Succeeded, Some(output), None, None),
             Ok(Ok(Ended::Returned(Err(message)))) => {
+                let message = crate::truncate_text(&message, policy.limits.output_bytes);
                 finish(RunStatus::Failed, None, None, Some(message))
             }
             Ok(Ok(Ended::Exited(0))) => finish(RunStatus::Succeeded, None, Some(0), None),
@@ -374,8 +382,7 @@ async fn call_plugin(
     match &plugin.prepared {
         Prepared::Task { pre, run } => {
             let instance = pre.instantiate_async(&mut *store).await?;
-            let func = instance
-                .get_typed_func::<(String,), (Result<String, String>,)>(&mut *store, run)?;
+            let func = instance.get_typed_func::<(String,), (Result<String, String>,)>(&mut *store, run)?;
             let (result,) = func.call_async(&mut *store, (input,)).await?;
             Ok(Ended::Returned(result))
         }

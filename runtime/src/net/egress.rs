@@ -47,10 +47,7 @@ pub struct Decisions(Arc<Mutex<Vec<Decision>>>);
 
 impl Decisions {
     fn push(&self, decision: Decision) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(decision);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(decision);
     }
 
     /// Returns the decisions made so far.
@@ -287,8 +284,7 @@ impl Egress {
         };
 
         // A task may shorten the deadlines, never extend them.
-        let limit =
-            |requested: Option<Duration>| requested.map_or(self.timeout, |d| d.min(self.timeout));
+        let limit = |requested: Option<Duration>| requested.map_or(self.timeout, |d| d.min(self.timeout));
         let connect_timeout = limit(options.and_then(|o| o.connect_timeout));
         let first_byte_timeout = limit(options.and_then(|o| o.first_byte_timeout));
         let between_bytes_timeout =
@@ -304,8 +300,9 @@ impl Egress {
 
         let stream: Box<dyn Stream> = if destination.tls {
             let server_name = match &destination.host {
-                RequestHost::Name(name) => ServerName::try_from(name.clone())
-                    .map_err(|_| HttpError::HttpRequestUriInvalid)?,
+                RequestHost::Name(name) => {
+                    ServerName::try_from(name.clone()).map_err(|_| HttpError::HttpRequestUriInvalid)?
+                }
                 RequestHost::Ip(ip) => ServerName::from(*ip),
             };
             let handshake = self.tls.connect(server_name, stream);
@@ -334,14 +331,15 @@ impl Egress {
             .map_err(|_| HttpError::HttpRequestUriInvalid)?;
 
         let max_bytes = self.max_response_bytes;
-        let response = async move {
-            let response = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
-                .await
-                .map_err(|_| HttpError::ConnectionReadTimeout)??;
-            Ok::<_, HttpError>(response.map(|incoming| {
-                LimitedBody::new(incoming, between_bytes_timeout, max_bytes).boxed_unsync()
-            }))
-        };
+        let response =
+            async move {
+                let response = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
+                    .await
+                    .map_err(|_| HttpError::ConnectionReadTimeout)??;
+                Ok::<_, HttpError>(response.map(|incoming| {
+                    LimitedBody::new(incoming, between_bytes_timeout, max_bytes).boxed_unsync()
+                }))
+            };
 
         // Drive the connection while waiting for the response head.
         let mut response = pin!(response);
@@ -454,10 +452,7 @@ trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
 impl<T> Stream for T where T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
 
 /// Connects to the first address that answers within the deadline.
-async fn connect(
-    addresses: &[SocketAddr],
-    timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), HttpError> {
+async fn connect(addresses: &[SocketAddr], timeout: Duration) -> Result<(TcpStream, SocketAddr), HttpError> {
     let mut last_error = HttpError::ConnectionRefused;
     for address in addresses {
         match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
@@ -518,9 +513,7 @@ impl Body for LimitedBody {
                     let length = data.len() as u64;
                     if length > self.remaining {
                         self.remaining = 0;
-                        return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(
-                            self.max_bytes,
-                        )))));
+                        return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(self.max_bytes)))));
                     }
                     self.remaining -= length;
                 }

@@ -80,9 +80,7 @@ pub fn normalize_name(name: &str) -> Option<String> {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     valid.then_some(ascii)
 }
@@ -152,8 +150,8 @@ impl HostRule {
         }
 
         if let Some(suffix) = host.strip_prefix("*.") {
-            let suffix = normalize_name(suffix)
-                .ok_or_else(|| format!("invalid domain {suffix:?} after `*.`"))?;
+            let suffix =
+                normalize_name(suffix).ok_or_else(|| format!("invalid domain {suffix:?} after `*.`"))?;
             if !suffix.contains('.') {
                 return Err(format!(
                     "`*.{suffix}` would allow a whole top-level domain; name a registered domain"
@@ -165,9 +163,7 @@ impl HostRule {
             });
         }
         if host.contains('*') {
-            return Err(
-                "a wildcard is allowed only as the first label, as in `*.example.com`".into(),
-            );
+            return Err("a wildcard is allowed only as the first label, as in `*.example.com`".into());
         }
         match classify_host(host)? {
             RequestHost::Name(name) => Ok(HostRule {
@@ -313,10 +309,7 @@ mod tests {
         assert!(rule.allows(&name("api.github.com"), 443, 443));
         assert!(rule.allows(&name("API.GitHub.com"), 443, 443));
         assert!(rule.allows(&name("api.github.com."), 443, 443));
-        assert!(
-            !rule.allows(&name("api.github.com"), 8443, 443),
-            "other port"
-        );
+        assert!(!rule.allows(&name("api.github.com"), 8443, 443), "other port");
         assert!(!rule.allows(&name("xapi.github.com"), 443, 443));
         assert!(!rule.allows(&name("api.github.com.evil.com"), 443, 443));
         assert!(

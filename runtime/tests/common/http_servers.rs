@@ -90,11 +90,7 @@ impl LocalServer {
                 });
             }
         });
-        LocalServer {
-            port,
-            requests,
-            stop,
-        }
+        LocalServer { port, requests, stop }
     }
 
     /// Returns how many requests reached the server.

@@ -31,19 +31,14 @@ pub fn plugin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let script = repo_root().join("scripts/build-plugins.sh");
-        let status = Command::new("bash")
-            .arg(&script)
-            .status()
-            .expect("bash runs");
+        let status = Command::new("bash").arg(&script).status().expect("bash runs");
         assert!(
             status.success(),
             "building the plugins with {} failed",
             script.display()
         );
     });
-    let path = repo_root()
-        .join("target/plugins")
-        .join(format!("{name}.wasm"));
+    let path = repo_root().join("target/plugins").join(format!("{name}.wasm"));
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
@@ -59,12 +54,8 @@ pub struct Response {
 impl Response {
     /// Parses the body as JSON, panicking with the body text if it is not.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     /// Returns the `error.code` of an error body.
@@ -150,7 +141,8 @@ pub struct Setup {
 impl Default for Setup {
     fn default() -> Setup {
         Setup {
-            policy: "paths_allow:\n  - {WORK}\n  - {path: {RO}, mode: ro}\ntimeouts: {task_seconds: 10}\n".into(),
+            policy: "paths_allow:\n  - {WORK}\n  - {path: {RO}, mode: ro}\ntimeouts: {task_seconds: 10}\n"
+                .into(),
         }
     }
 }
@@ -270,9 +262,7 @@ impl TestServer {
     /// Returns the audit events, parsed.
     pub fn audit(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.data().join("audit.log")).unwrap_or_default();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     /// Sends `request` as raw HTTP/1.1 and reads the whole response.
@@ -298,9 +288,8 @@ impl TestServer {
 
     /// Runs a plugin with `body` and returns the JSON result (status 200 asserted).
     pub fn run(&self, name: &str, body: Value) -> Value {
-        let response = self.send(
-            &Request::new("POST", &format!("/v1/plugins/{name}/run"), body.to_string()).signed(),
-        );
+        let response =
+            self.send(&Request::new("POST", &format!("/v1/plugins/{name}/run"), body.to_string()).signed());
         assert_eq!(
             response.status,
             200,
@@ -323,9 +312,7 @@ impl Drop for TestServer {
 /// Sends one request on a new connection and reads until the server closes it.
 pub fn send_raw(addr: &str, request: &Request) -> Response {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
 
     let mut head = format!(
         "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
@@ -375,9 +362,7 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
-                .unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
         data = &data[line_end + 2..];
         if size == 0 {
             return out;
