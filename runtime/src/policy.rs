@@ -92,7 +92,7 @@ pub struct Timeouts {
 /// Resource limits from the `limits` section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Maximum size of one linear memory of a run, in bytes (`memory_mib`).
+    /// Maximum size of all linear memories of one run together, in bytes (`memory_mib`).
     pub memory_bytes: usize,
     /// Maximum size of an uploaded component, in bytes (`upload_mib`).
     pub upload_bytes: usize,
@@ -365,7 +365,7 @@ impl Policy {
         ));
         let l = &self.limits;
         out.push_str(&format!(
-            "limits: memory {} MiB per linear memory, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB\n",
+            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB\n",
             l.memory_bytes >> 20,
             l.upload_bytes >> 20,
             l.input_bytes >> 10,
