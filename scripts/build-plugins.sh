@@ -10,6 +10,10 @@ cargo build --quiet --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --
     --target-dir target/plugins-build
 
 mkdir -p target/plugins
-for name in hello wordcount probe echo-cli fetch; do
-    cp "target/plugins-build/wasm32-wasip2/release/$name.wasm" "target/plugins/$name.wasm"
+built=target/plugins-build/wasm32-wasip2/release
+for name in hello wordcount probe echo-cli fetch shell-run git-sync; do
+    # A library's file name has `_` where the package name has `-`.
+    source="$built/$name.wasm"
+    [ -f "$source" ] || source="$built/${name//-/_}.wasm"
+    cp "$source" "target/plugins/$name.wasm"
 done

@@ -4,6 +4,8 @@
 //! - [`auth`] signs and verifies API requests (HMAC-SHA256).
 //! - [`engine`] compiles components and runs them under the policy.
 //! - [`net`] decides and sends the outgoing HTTP requests of tasks.
+//! - [`shell`] runs the commands `shell_allow` permits; [`decision`] records
+//!   what the host allowed and denied.
 //! - [`store`] and [`registry`] keep uploaded plugins on disk and in memory.
 //! - [`api`] serves the HTTP API; [`server`] starts it.
 //! - [`client`] is the signing HTTP client behind the `apex` subcommands.
@@ -12,11 +14,14 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod client;
+pub mod decision;
 pub mod engine;
+pub mod grants;
 pub mod net;
 pub mod policy;
 pub mod registry;
 pub mod server;
+pub mod shell;
 pub mod store;
 
 /// Returns the current Unix time in whole seconds.

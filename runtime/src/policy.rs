@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::net::rules::{HostRule, normalize_name};
+use crate::shell::rules::ShellEntry;
 
 /// Errors found while loading a policy file.
 ///
@@ -102,7 +103,28 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Maximum body of one outgoing HTTP response, in bytes (`response_mib`).
     pub response_bytes: usize,
+    /// Most shell children running at once, over all runs (`max_shell_processes`).
+    pub max_shell_processes: usize,
+    /// Maximum stdout, and separately stderr, kept per shell call, in bytes (`shell_output_kib`).
+    pub shell_output_bytes: usize,
 }
+
+/// What the host shell call may run.
+#[derive(Debug, Clone, Default)]
+pub struct ShellPolicy {
+    /// Parsed `shell_allow`, in order.
+    pub entries: Vec<ShellEntry>,
+    /// Directories searched for programs (`shell_path`).
+    pub search_path: Vec<PathBuf>,
+    /// Environment variables added for every child (`shell_env`).
+    pub env: BTreeMap<String, String>,
+}
+
+/// Programs are looked up here when the policy sets no `shell_path`.
+pub const DEFAULT_SHELL_PATH: [&str; 3] = ["/usr/local/bin", "/usr/bin", "/bin"];
+
+/// Environment variables the host sets itself for shell children.
+const RESERVED_SHELL_ENV: [&str; 3] = ["PATH", "HOME", "LANG"];
 
 /// The `network` section: where outgoing HTTP requests may go.
 #[derive(Debug, Clone, Default)]
@@ -131,6 +153,7 @@ const DEFAULT_UPLOAD_MIB: u64 = 64;
 const DEFAULT_INPUT_KIB: u64 = 1024;
 const DEFAULT_OUTPUT_KIB: u64 = 1024;
 const DEFAULT_RESPONSE_MIB: u64 = 16;
+const DEFAULT_SHELL_PROCESSES: u64 = 4;
 
 const MAX_SECONDS: u64 = 24 * 60 * 60;
 
@@ -142,6 +165,7 @@ const MAX_UPLOAD_MIB: u64 = 1024;
 const MAX_INPUT_KIB: u64 = 64 * 1024;
 const MAX_OUTPUT_KIB: u64 = 64 * 1024;
 const MAX_RESPONSE_MIB: u64 = 1024;
+const MAX_SHELL_PROCESSES: u64 = 256;
 
 /// A validated policy.
 #[derive(Debug, Clone)]
@@ -152,6 +176,8 @@ pub struct Policy {
     pub sha256: String,
     /// Command prefixes for the host shell call, as written.
     pub shell_allow: Vec<String>,
+    /// The shell section, parsed.
+    pub shell: ShellPolicy,
     /// Directories tasks may access.
     pub paths_allow: Vec<AllowedPath>,
     /// Host names outgoing HTTP requests may reach, as written.
@@ -169,6 +195,9 @@ pub struct Policy {
 struct RawPolicy {
     #[serde(default)]
     shell_allow: Vec<String>,
+    shell_path: Option<Vec<String>>,
+    #[serde(default)]
+    shell_env: BTreeMap<String, String>,
     #[serde(default)]
     paths_allow: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
@@ -220,6 +249,8 @@ struct RawLimits {
     input_kib: Option<u64>,
     output_kib: Option<u64>,
     response_mib: Option<u64>,
+    max_shell_processes: Option<u64>,
+    shell_output_kib: Option<u64>,
 }
 
 /// Files the server trusts, which no allowed path may contain or lie inside.
@@ -284,6 +315,8 @@ impl Policy {
         // An empty file is a policy that grants nothing.
         let raw = raw.unwrap_or_else(|| RawPolicy {
             shell_allow: Vec::new(),
+            shell_path: None,
+            shell_env: BTreeMap::new(),
             paths_allow: Vec::new(),
             network: RawNetwork::default(),
             timeouts: RawTimeouts::default(),
@@ -298,11 +331,13 @@ impl Policy {
         let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
         checker.check_protected(&paths_allow, protected)?;
         let network = checker.network(base, &raw.network)?;
+        let shell = checker.shell(&raw)?;
 
         Ok(Policy {
             source: source.to_path_buf(),
             sha256,
-            shell_allow: raw.shell_allow,
+            shell_allow: raw.shell_allow.clone(),
+            shell,
             paths_allow,
             http_allow_domains: raw.network.http_allow_domains,
             network,
@@ -352,8 +387,21 @@ impl Policy {
         if let Some(ca_file) = &self.network.ca_file {
             out.push_str(&format!("  extra CA certificates: {}\n", ca_file.display()));
         }
-        out.push_str("shell command prefixes:\n");
+        out.push_str("shell command prefixes (a trailing space requires more arguments):\n");
         push_list(&mut out, &self.shell_allow);
+        let search: Vec<String> = self
+            .shell
+            .search_path
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        out.push_str(&format!("  programs from: {}\n", search.join(":")));
+        let names: Vec<&str> = self.shell.env.keys().map(String::as_str).collect();
+        out.push_str(&format!(
+            "  child environment: PATH, HOME (the working directory), LANG{}{}\n",
+            if names.is_empty() { "" } else { ", " },
+            names.join(", ")
+        ));
 
         out.push_str("raw sockets and name lookup: denied\nenvironment: empty\n");
         let t = &self.timeouts;
@@ -365,12 +413,14 @@ impl Policy {
         ));
         let l = &self.limits;
         out.push_str(&format!(
-            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB\n",
+            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, shell output {} KiB per stream, {} shell processes at once\n",
             l.memory_bytes >> 20,
             l.upload_bytes >> 20,
             l.input_bytes >> 10,
             l.output_bytes >> 10,
-            l.response_bytes >> 20
+            l.response_bytes >> 20,
+            l.shell_output_bytes >> 10,
+            l.max_shell_processes
         ));
         out
     }
@@ -602,6 +652,7 @@ impl Checker<'_> {
     fn limits(&self, raw: &RawLimits) -> Result<Limits, PolicyError> {
         let mib = |key, value, default, max| self.sized(key, value, default, max, 20, "MiB");
         let kib = |key, value, default, max| self.sized(key, value, default, max, 10, "KiB");
+        let count = |key, value, default, max| self.sized(key, value, default, max, 0, "processes");
         Ok(Limits {
             memory_bytes: mib(
                 "limits.memory_mib",
@@ -633,11 +684,72 @@ impl Checker<'_> {
                 DEFAULT_RESPONSE_MIB,
                 MAX_RESPONSE_MIB,
             )?,
+            shell_output_bytes: kib(
+                "limits.shell_output_kib",
+                raw.shell_output_kib,
+                DEFAULT_OUTPUT_KIB,
+                MAX_OUTPUT_KIB,
+            )?,
+            max_shell_processes: count(
+                "limits.max_shell_processes",
+                raw.max_shell_processes,
+                DEFAULT_SHELL_PROCESSES,
+                MAX_SHELL_PROCESSES,
+            )?,
         })
     }
 }
 
 impl Checker<'_> {
+    fn shell(&self, raw: &RawPolicy) -> Result<ShellPolicy, PolicyError> {
+        let mut entries = Vec::new();
+        for (index, written) in raw.shell_allow.iter().enumerate() {
+            let entry = ShellEntry::parse(written)
+                .map_err(|e| self.error(format!("shell_allow[{index}]"), format!("{written:?}: {e}")))?;
+            entries.push(entry);
+        }
+
+        let written_path: Vec<String> = match &raw.shell_path {
+            Some(path) => path.clone(),
+            None => DEFAULT_SHELL_PATH.iter().map(|p| p.to_string()).collect(),
+        };
+        let mut search_path = Vec::new();
+        for (index, dir) in written_path.iter().enumerate() {
+            let path = PathBuf::from(dir);
+            if !path.is_absolute() {
+                return Err(self.error(
+                    format!("shell_path[{index}]"),
+                    format!("{dir:?} must be an absolute directory"),
+                ));
+            }
+            search_path.push(path);
+        }
+
+        for name in raw.shell_env.keys() {
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(self.error(
+                    format!("shell_env.{name}"),
+                    "an environment variable name is letters, digits and `_`",
+                ));
+            }
+            if RESERVED_SHELL_ENV.contains(&name.as_str()) || name.starts_with("GIT_") {
+                return Err(self.error(
+                    format!("shell_env.{name}"),
+                    "the host sets this variable itself (PATH from shell_path, HOME to the working directory, LANG, and GIT_* for git)",
+                ));
+            }
+        }
+
+        Ok(ShellPolicy {
+            entries,
+            search_path,
+            env: raw.shell_env.clone(),
+        })
+    }
+
     fn network(&self, base: &Path, raw: &RawNetwork) -> Result<NetworkPolicy, PolicyError> {
         let mut http_allow = Vec::new();
         for (index, entry) in raw.http_allow_domains.iter().enumerate() {

@@ -11,6 +11,7 @@ use crate::api::{self, AppState, BodyBudget};
 use crate::audit::AuditLog;
 use crate::auth::{MIN_KEY_BYTES, Verifier};
 use crate::engine::Engine;
+use crate::grants::Grants;
 use crate::policy::{Policy, ProtectedPaths};
 use crate::registry::Registry;
 use crate::store::{PluginStore, create_private_dir};
@@ -87,7 +88,6 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     // Room for two maximal bodies; more waits, then gets a 503.
     let largest = policy.limits.upload_bytes.max(policy.limits.input_bytes);
     let body_budget = BodyBudget::new(largest.saturating_mul(2));
-    let egress = Arc::new(crate::net::egress_for(&policy).context("invalid network section in the policy")?);
     let engine = Arc::new(Engine::new().context("cannot start the WebAssembly engine")?);
     let store = Arc::new(
         PluginStore::open(&data)
@@ -109,14 +109,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         "policy_load",
         json!({ "path": policy.source, "sha256": policy.sha256 }),
     );
+    let grants = Grants::new(policy).context("invalid network section in the policy")?;
     audit.record(
         "server_start",
         json!({ "listen": local.to_string(), "plugins": registry.records().len() }),
     );
     let state = Arc::new(AppState {
         engine,
-        policy,
-        egress,
+        grants,
         registry,
         verifier: Verifier::new(options.key.into_bytes(), crate::unix_now()),
         audit,

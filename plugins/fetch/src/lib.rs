@@ -32,8 +32,8 @@ struct Input {
 
 async fn fetch(input: Input) -> Result<serde_json::Value, String> {
     let method = input.method.as_deref().unwrap_or("GET");
-    let method = Method::from_bytes(method.as_bytes())
-        .map_err(|e| format!("invalid method {method:?}: {e}"))?;
+    let method =
+        Method::from_bytes(method.as_bytes()).map_err(|e| format!("invalid method {method:?}: {e}"))?;
 
     let mut request = Request::builder().uri(&input.url).method(method);
     for (name, value) in &input.headers {
@@ -43,9 +43,7 @@ async fn fetch(input: Input) -> Result<serde_json::Value, String> {
         Some(text) => Body::from(text),
         None => Body::empty(),
     };
-    let request = request
-        .body(body)
-        .map_err(|e| format!("invalid request: {e}"))?;
+    let request = request.body(body).map_err(|e| format!("invalid request: {e}"))?;
 
     let mut client = Client::new();
     if let Some(ms) = input.timeout_ms {

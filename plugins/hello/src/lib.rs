@@ -19,11 +19,8 @@ struct Hello;
 impl Guest for Hello {
     fn run(input: String) -> Result<String, String> {
         // A run without input passes `null`.
-        let input: Option<Input> =
-            serde_json::from_str(&input).map_err(|e| format!("invalid input: {e}"))?;
-        let name = input
-            .and_then(|i| i.name)
-            .unwrap_or_else(|| "world".to_string());
+        let input: Option<Input> = serde_json::from_str(&input).map_err(|e| format!("invalid input: {e}"))?;
+        let name = input.and_then(|i| i.name).unwrap_or_else(|| "world".to_string());
 
         let output = serde_json::json!({ "greeting": format!("Hello, {name}!") });
         Ok(output.to_string())

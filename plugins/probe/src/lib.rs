@@ -70,8 +70,7 @@ impl Guest for Probe {
             }
             "read" => {
                 let path = required(input.path, "path")?;
-                let text =
-                    std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
+                let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
                 Ok(serde_json::Value::String(text).to_string())
             }
             "write" => {
@@ -104,10 +103,9 @@ impl Guest for Probe {
             "resolve" => {
                 let host = required(input.host, "host")?;
                 match (host.as_str(), 80).to_socket_addrs() {
-                    Ok(addrs) => Ok(serde_json::json!(
-                        addrs.map(|a| a.to_string()).collect::<Vec<_>>()
-                    )
-                    .to_string()),
+                    Ok(addrs) => {
+                        Ok(serde_json::json!(addrs.map(|a| a.to_string()).collect::<Vec<_>>()).to_string())
+                    }
                     Err(e) => Err(format!("resolve {host}: {e}")),
                 }
             }
@@ -121,14 +119,10 @@ impl Guest for Probe {
                     .write_all(&chunk)
                     .and_then(|()| stdout.flush())
                     .map_err(|e| e.to_string())?;
-                std::io::stderr()
-                    .write_all(&chunk)
-                    .map_err(|e| e.to_string())?;
+                std::io::stderr().write_all(&chunk).map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "printed": bytes }).to_string())
             }
-            "fail" => Err(input
-                .message
-                .unwrap_or_else(|| "failed on request".to_string())),
+            "fail" => Err(input.message.unwrap_or_else(|| "failed on request".to_string())),
             "echo" => Ok(raw),
             other => Err(format!("unknown op `{other}`")),
         }

@@ -38,8 +38,7 @@ fn count_dir(dir: &Path, counts: &mut Counts) -> Result<(), String> {
         if file_type.is_dir() {
             count_dir(&path, counts)?;
         } else if file_type.is_file() {
-            let data =
-                fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let data = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let text = String::from_utf8_lossy(&data);
             counts.files += 1;
             counts.bytes += data.len() as u64;

@@ -240,9 +240,9 @@ impl AppState {
     /// Largest body the route of `method` accepts: uploads use `PUT`.
     fn body_limit(&self, method: &Method) -> usize {
         if method == Method::PUT {
-            self.policy.limits.upload_bytes
+            self.grants.policy.limits.upload_bytes
         } else {
-            self.policy.limits.input_bytes
+            self.grants.policy.limits.input_bytes
         }
     }
 }

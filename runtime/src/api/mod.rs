@@ -22,8 +22,7 @@ pub use self::error::ApiError;
 use crate::audit::AuditLog;
 use crate::auth::Verifier;
 use crate::engine::{Captured, Engine, PluginKind, RunOutcome, RunRequest};
-use crate::net::Egress;
-use crate::policy::Policy;
+use crate::grants::Grants;
 use crate::registry::{Registry, UploadError};
 use crate::store::is_valid_name;
 
@@ -31,10 +30,8 @@ use crate::store::is_valid_name;
 pub struct AppState {
     /// The engine that runs plugins.
     pub engine: Arc<Engine>,
-    /// The policy every run is confined by.
-    pub policy: Policy,
-    /// The sender of outgoing HTTP requests, built from the policy.
-    pub egress: Arc<Egress>,
+    /// The policy every run is confined by, and the capabilities built from it.
+    pub grants: Grants,
     /// The plugins.
     pub registry: Registry,
     /// Request signature checks.
@@ -114,7 +111,7 @@ async fn upload_plugin(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    let limit = state.policy.limits.upload_bytes;
+    let limit = state.grants.policy.limits.upload_bytes;
     if body.len() > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -185,7 +182,7 @@ async fn run_plugin(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     check_name(&name)?;
-    let limit = state.policy.limits.input_bytes;
+    let limit = state.grants.policy.limits.input_bytes;
     if body.len() > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -226,10 +223,7 @@ async fn run_plugin(
         input: request.input.as_ref().map(Value::to_string),
         args: request.args,
     };
-    let outcome = state
-        .engine
-        .run(&plugin.compiled, run, &state.policy, &state.egress)
-        .await;
+    let outcome = state.engine.run(&plugin.compiled, run, &state.grants).await;
     for denial in outcome.decisions.iter().filter(|d| !d.allowed) {
         state.audit.record(
             "policy_denial",
@@ -255,7 +249,7 @@ async fn run_plugin(
     Ok(Json(run_response(
         &name,
         &outcome,
-        state.policy.limits.output_bytes,
+        state.grants.policy.limits.output_bytes,
     )))
 }
 

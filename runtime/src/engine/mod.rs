@@ -23,8 +23,11 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use self::limiter::RunLimiter;
 pub use self::output::{CappedOutput, Captured};
-use crate::net::{Decision, Decisions, Egress, HttpHooks};
+use crate::decision::{Decision, Decisions};
+use crate::grants::Grants;
+use crate::net::HttpHooks;
 use crate::policy::{PathMode, Policy};
+use crate::shell::ShellCalls;
 
 /// Interval between epoch ticks. A running task yields to the async executor
 /// at every tick, so this bounds how long one task holds a worker thread.
@@ -141,6 +144,7 @@ pub struct RunState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     hooks: HttpHooks,
+    shell: ShellCalls,
     table: ResourceTable,
     limiter: RunLimiter,
 }
@@ -187,6 +191,7 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        crate::shell::add_to_linker(&mut linker, |state: &mut RunState| &mut state.shell)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let stop = ticker_stop.clone();
@@ -262,15 +267,10 @@ impl Engine {
     ///
     /// The deadline covers instantiation and the whole call, including time
     /// the task spends waiting inside host calls.
-    pub async fn run(
-        &self,
-        plugin: &CompiledPlugin,
-        request: RunRequest,
-        policy: &Policy,
-        egress: &Arc<Egress>,
-    ) -> RunOutcome {
+    pub async fn run(&self, plugin: &CompiledPlugin, request: RunRequest, grants: &Grants) -> RunOutcome {
         let started = Instant::now();
         let decisions = Decisions::default();
+        let policy = &grants.policy;
         let stdout = CappedOutput::new(policy.limits.output_bytes);
         let stderr = CappedOutput::new(policy.limits.output_bytes);
 
@@ -300,7 +300,8 @@ impl Engine {
         let state = RunState {
             wasi,
             http: WasiHttpCtx::new(),
-            hooks: egress.hooks(&request.plugin, decisions.clone()),
+            hooks: grants.egress.hooks(&request.plugin, decisions.clone()),
+            shell: grants.shell.for_run(&request.plugin, decisions.clone()),
             table: ResourceTable::new(),
             limiter: RunLimiter::new(policy.limits.memory_bytes),
         };

@@ -12,7 +12,7 @@ use std::future::{Future, poll_fn};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::{Pin, pin};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -27,34 +27,7 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::rules::{HostRule, RequestHost, classify_host, non_public_reason};
-
-/// One capability decision the host made during a run.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Decision {
-    /// The capability: `http`.
-    pub capability: &'static str,
-    /// What the task asked for, e.g. `https://api.github.com:443`.
-    pub target: String,
-    /// Whether it was allowed.
-    pub allowed: bool,
-    /// Why; for an allowed request, the address connected to.
-    pub reason: String,
-}
-
-/// The decisions of one run, shared with the hooks that make them.
-#[derive(Debug, Clone, Default)]
-pub struct Decisions(Arc<Mutex<Vec<Decision>>>);
-
-impl Decisions {
-    fn push(&self, decision: Decision) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(decision);
-    }
-
-    /// Returns the decisions made so far.
-    pub fn snapshot(&self) -> Vec<Decision> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
+use crate::decision::{Decision, Decisions};
 
 /// Errors in the `network` section of the policy, reported at startup.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +245,8 @@ impl Egress {
                 target: denial.target,
                 allowed: false,
                 reason: denial.reason,
+                exit_code: None,
+                duration_ms: None,
             });
             HttpError::HttpRequestDenied
         };
@@ -296,6 +271,8 @@ impl Egress {
             target: target_of(&uri),
             allowed: true,
             reason: format!("connected to {address}"),
+            exit_code: None,
+            duration_ms: None,
         });
 
         let stream: Box<dyn Stream> = if destination.tls {

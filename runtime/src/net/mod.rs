@@ -4,7 +4,7 @@
 pub mod egress;
 pub mod rules;
 
-pub use egress::{Decision, Decisions, Egress, EgressConfig, EgressError, HttpHooks};
+pub use egress::{Egress, EgressConfig, EgressError, HttpHooks};
 
 use crate::policy::Policy;
 

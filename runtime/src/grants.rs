@@ -1,0 +1,48 @@
+//! What runs may use, built once from the policy at startup: the policy
+//! itself, the outgoing-HTTP sender and the shell host.
+
+use std::sync::Arc;
+
+use crate::net::{Egress, EgressError};
+use crate::policy::Policy;
+use crate::shell::Shell;
+use crate::shell::rules::ShellRules;
+
+/// The capabilities the policy grants, ready for runs to use.
+pub struct Grants {
+    /// The validated policy.
+    pub policy: Policy,
+    /// Sends outgoing HTTP requests under `network`.
+    pub egress: Arc<Egress>,
+    /// Runs shell calls under `shell_allow`.
+    pub shell: Arc<Shell>,
+}
+
+impl Grants {
+    /// Builds the grants of `policy`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the `network` section cannot be turned into a sender, for
+    /// example an unreadable `network.ca_file`.
+    pub fn new(policy: Policy) -> Result<Grants, EgressError> {
+        let egress = Arc::new(crate::net::egress_for(&policy)?);
+        let rules = ShellRules {
+            entries: policy.shell.entries.clone(),
+            search_path: policy.shell.search_path.clone(),
+            env: policy.shell.env.clone(),
+            paths_allow: policy.paths_allow.clone(),
+        };
+        let shell = Arc::new(Shell::new(
+            rules,
+            policy.timeouts.shell,
+            policy.limits.shell_output_bytes,
+            policy.limits.max_shell_processes,
+        ));
+        Ok(Grants {
+            policy,
+            egress,
+            shell,
+        })
+    }
+}

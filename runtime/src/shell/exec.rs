@@ -1,0 +1,175 @@
+//! Running an approved shell call: a child in its own process group, with
+//! captured output, a deadline, and the whole group killed at the end.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use super::rules::Plan;
+
+/// How long output is still read after the child exited and its group was
+/// killed; a stream some other process keeps open must not hold the call.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a finished call produced.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit code, or -1 when a signal ended the child.
+    pub exit_code: i32,
+    /// Standard output, at most the cap.
+    pub stdout: Vec<u8>,
+    /// Standard error, at most the cap.
+    pub stderr: Vec<u8>,
+    /// Whether either stream was cut.
+    pub truncated: bool,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// Why a call did not finish.
+#[derive(Debug)]
+pub enum ExecError {
+    /// The program could not be started.
+    Spawn(std::io::Error),
+    /// The deadline passed; the group was killed.
+    TimedOut(Duration),
+}
+
+/// Kills a process group when dropped, so a call abandoned mid-way (the run
+/// timed out or was cancelled) leaves no grandchildren behind. tokio's
+/// `kill_on_drop` reaches only the direct child.
+struct GroupGuard {
+    #[cfg_attr(not(unix), allow(dead_code))]
+    pgid: Option<i32>,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pgid) = self.pgid {
+            use nix::sys::signal::{Signal, killpg};
+            use nix::unistd::Pid;
+            // ESRCH means the group is already gone, which is the goal.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs `plan` with `stdin`, keeping at most `cap` bytes of each output
+/// stream, and kills its process group after `timeout` or when it exits.
+pub async fn run(
+    plan: &Plan,
+    stdin: Option<Vec<u8>>,
+    cap: usize,
+    timeout: Duration,
+) -> Result<Finished, ExecError> {
+    let started = Instant::now();
+    let mut command = command_for(plan);
+    command
+        .current_dir(&plan.cwd)
+        .env_clear()
+        .envs(plan.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    command.process_group(0);
+
+    let mut child = command.spawn().map_err(ExecError::Spawn)?;
+    // With process_group(0) the group id is the child's process id.
+    let _guard = GroupGuard {
+        pgid: child.id().and_then(|id| i32::try_from(id).ok()),
+    };
+
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        tokio::spawn(async move {
+            // A child that exits without reading its input is not an error.
+            let _ = pipe.write_all(&bytes).await;
+        });
+    }
+    let stdout = tokio::spawn(read_capped(child.stdout.take(), cap));
+    let stderr = tokio::spawn(read_capped(child.stderr.take(), cap));
+
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => status.map_err(ExecError::Spawn)?,
+        Err(_) => return Err(ExecError::TimedOut(timeout)),
+    };
+
+    // Background processes the command left behind go with its group.
+    drop(_guard);
+    let (stdout, stdout_cut) = drain(stdout).await;
+    let (stderr, stderr_cut) = drain(stderr).await;
+
+    Ok(Finished {
+        exit_code: status.code().unwrap_or(-1),
+        stdout,
+        stderr,
+        truncated: stdout_cut || stderr_cut,
+        duration: started.elapsed(),
+    })
+}
+
+async fn drain(task: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u8>, bool) {
+    match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+        Ok(Ok(read)) => read,
+        _ => (Vec::new(), true),
+    }
+}
+
+/// Reads a stream to its end, keeping the first `cap` bytes.
+async fn read_capped(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> (Vec<u8>, bool) {
+    let Some(mut stream) = stream else {
+        return (Vec::new(), false);
+    };
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return (kept, truncated),
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..n.min(room)]);
+                truncated |= n > room;
+            }
+        }
+    }
+}
+
+#[cfg(not(windows))]
+fn command_for(plan: &Plan) -> Command {
+    let mut command = Command::new(&plan.program);
+    command.args(&plan.argv[1..]);
+    command
+}
+
+/// Windows built-ins from the operators' original list; they exist only
+/// inside `cmd.exe`.
+#[cfg(windows)]
+pub(super) const CMD_BUILTINS: &[&str] = &["dir", "type", "copy", "move", "mkdir", "rmdir"];
+
+#[cfg(windows)]
+fn command_for(plan: &Plan) -> Command {
+    let name = plan.argv[0].to_ascii_lowercase();
+    if CMD_BUILTINS.contains(&name.as_str()) {
+        // cmd /C takes one command line; quote each argument so none of
+        // them is read as cmd syntax.
+        let mut command = Command::new("cmd");
+        command.arg("/C").arg(&name);
+        for argument in &plan.argv[1..] {
+            let quoted = format!("\"{}\"", argument.replace('"', "\"\""));
+            command.raw_arg(quoted);
+        }
+        return command;
+    }
+    let mut command = Command::new(&plan.program);
+    command.args(&plan.argv[1..]);
+    command
+}

@@ -1,0 +1,512 @@
+//! The host shell call, from the task's side: real processes, each rule
+//! tried by an attacker, and git run against a repository the test creates.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Setup, TestServer};
+use serde_json::{Value, json};
+
+const ENTRIES: &str = r#"shell_allow:
+  - "echo "
+  - "cat"
+  - "env"
+  - "seq "
+  - "sleep "
+  - "git clone "
+  - "git pull"
+  - "sh -c "
+shell_env: {APEX_TEST_VALUE: from-policy}
+"#;
+
+fn apex(extra: &str) -> TestServer {
+    let policy = format!("paths_allow:\n  - {{WORK}}\n  - {{path: {{RO}}, mode: ro}}\n{ENTRIES}{extra}");
+    let server = TestServer::start_with(Setup { policy });
+    server.upload_plugin("shell-run");
+    server
+}
+
+/// Makes one shell call through the shell-run plugin; returns its output.
+fn shell(server: &TestServer, command: &str, cwd: Option<&Path>) -> Value {
+    let result = server.run(
+        "shell-run",
+        json!({ "input": { "command": command, "cwd": cwd } }),
+    );
+    assert_eq!(result["status"], "succeeded", "{result}");
+    result["output"].clone()
+}
+
+/// Asserts the call was denied, with `reason` in the message, in the run's
+/// decisions and in the audit log.
+fn assert_denied(server: &TestServer, command: &str, cwd: Option<&Path>, reason: &str) {
+    let result = server.run(
+        "shell-run",
+        json!({ "input": { "command": command, "cwd": cwd } }),
+    );
+    let output = &result["output"];
+    assert_eq!(output["error"]["kind"], "denied", "{command:?}: {result}");
+    let message = output["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(reason),
+        "{command:?}: expected {reason:?} in {message:?}"
+    );
+
+    let decision = &result["decisions"][0];
+    assert_eq!(decision["capability"], "shell");
+    assert_eq!(decision["allowed"], false);
+    assert!(
+        server
+            .audit()
+            .iter()
+            .any(|e| e["kind"] == "policy_denial" && e["capability"] == "shell" && e["reason"] == message),
+        "the denial of {command:?} is audited"
+    );
+}
+
+#[test]
+fn allowed_command_runs() {
+    let server = apex("");
+    let result = server.run(
+        "shell-run",
+        json!({ "input": { "command": "echo hello 'two words'" } }),
+    );
+    assert_eq!(result["output"]["exit_code"], 0, "{result}");
+    assert_eq!(result["output"]["stdout"], "hello two words\n");
+    assert_eq!(result["output"]["truncated"], false);
+
+    let decision = &result["decisions"][0];
+    assert_eq!(decision["capability"], "shell");
+    assert_eq!(decision["allowed"], true);
+    assert_eq!(decision["target"], "echo hello 'two words'");
+    assert_eq!(decision["exit_code"], 0);
+    assert!(decision["duration_ms"].is_u64());
+    assert!(server.log().contains("shell call finished"));
+}
+
+#[test]
+fn stdin_and_exit_code_passed() {
+    let server = apex("");
+    let result = server.run(
+        "shell-run",
+        json!({ "input": { "command": "cat", "stdin": "from the task" } }),
+    );
+    assert_eq!(result["output"]["stdout"], "from the task", "{result}");
+
+    let output = shell(&server, "sh -c 'exit 3'", None);
+    assert_eq!(output["exit_code"], 3);
+}
+
+#[test]
+fn shell_syntax_denied_not_interpreted() {
+    let server = apex("");
+    let work = server.work();
+    let marker = work.join("pwned");
+    for command in [
+        format!("echo x; touch {}", marker.display()),
+        format!("echo x | touch {}", marker.display()),
+        format!("echo x & touch {}", marker.display()),
+        format!("echo x && touch {}", marker.display()),
+        format!("echo $(touch {})", marker.display()),
+        format!("echo `touch {}`", marker.display()),
+        format!("echo x > {}", marker.display()),
+        "cat < /etc/passwd".to_string(),
+        format!("echo x\ntouch {}", marker.display()),
+        "echo *".to_string(),
+        "echo ?".to_string(),
+        "echo [ab]".to_string(),
+        "echo ~".to_string(),
+        format!("echo \"$(touch {})\"", marker.display()),
+        "echo $HOME".to_string(),
+    ] {
+        assert_denied(&server, &command, None, "shell");
+    }
+    assert!(!marker.exists(), "nothing was interpreted");
+}
+
+#[test]
+fn quoting_tricks_denied() {
+    let server = apex("");
+    // One quoted token is not the two tokens of the entry.
+    assert_denied(&server, "'git pull'", None, "matches no shell_allow entry");
+    assert_denied(&server, "git pull\\;id", None, "matches no shell_allow entry");
+    assert_denied(&server, "'echo x; id'", None, "matches no shell_allow entry");
+    assert_denied(&server, "echo 'unclosed", None, "cannot split");
+    // Quoting that leaves the same tokens is the same command.
+    assert_eq!(shell(&server, "'e'cho \"ok\"", None)["stdout"], "ok\n");
+}
+
+#[test]
+fn commands_outside_list_denied() {
+    let server = apex("");
+    for command in [
+        "rm -rf /",
+        "git push",
+        "git pullx",
+        "git",
+        "git clone",
+        "python3 -c 1",
+        "ech hi",
+    ] {
+        assert_denied(&server, command, None, "matches no shell_allow entry");
+    }
+}
+
+#[test]
+fn program_paths_denied() {
+    let server = apex("");
+    assert_denied(&server, "/bin/echo hi", None, "matches no shell_allow entry");
+
+    // A path runs only when an entry names exactly that path.
+    let policy = "paths_allow: [{WORK}]\nshell_allow: [\"./echo \", \"/usr/bin/env\"]\n";
+    let named = TestServer::start_with(Setup {
+        policy: policy.into(),
+    });
+    named.upload_plugin("shell-run");
+    assert_denied(&named, "./echo hi", None, "is not an executable file");
+    assert_eq!(shell(&named, "/usr/bin/env", None)["exit_code"], 0);
+}
+
+#[test]
+fn working_directory_outside_denied() {
+    let server = apex("");
+    let work = server.work();
+    let outside = server.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, work.join("link-out")).unwrap();
+
+    assert_denied(&server, "echo hi", Some(Path::new("/tmp")), "outside paths_allow");
+    assert_denied(&server, "echo hi", Some(&work.join("..")), "outside paths_allow");
+    assert_denied(
+        &server,
+        "echo hi",
+        Some(&work.join("link-out")),
+        "outside paths_allow",
+    );
+    assert_denied(
+        &server,
+        "echo hi",
+        Some(Path::new("relative")),
+        "must be an absolute path",
+    );
+
+    let inside = work.join("sub");
+    std::fs::create_dir(&inside).unwrap();
+    let output = shell(&server, "cat marker", Some(&inside));
+    assert!(
+        output["stderr"].as_str().unwrap().contains("marker"),
+        "runs in the directory: {output}"
+    );
+}
+
+#[test]
+fn arguments_outside_denied() {
+    let server = apex("");
+    let work = server.work();
+    let secret = server.dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+    std::os::unix::fs::symlink(&secret, work.join("link")).unwrap();
+    std::fs::write(work.join("inside.txt"), "fine").unwrap();
+
+    for command in [
+        format!("cat {}", secret.display()),
+        "cat /etc/passwd".to_string(),
+        "cat ../secret.txt".to_string(),
+        "cat link".to_string(),
+        "echo --file=/etc/passwd".to_string(),
+        "echo -C/etc".to_string(),
+        "echo file:///etc/passwd".to_string(),
+        format!("cat {}/../secret.txt", work.display()),
+    ] {
+        assert_denied(&server, &command, None, "outside paths_allow");
+    }
+
+    let output = shell(
+        &server,
+        &format!("cat {}", work.join("inside.txt").display()),
+        None,
+    );
+    assert_eq!(output["stdout"], "fine");
+    let output = shell(&server, "cat inside.txt", None);
+    assert_eq!(output["stdout"], "fine");
+}
+
+#[test]
+fn environment_is_clean() {
+    let server = apex("");
+    let work = server.work();
+    let output = shell(&server, "env", None);
+    let env = output["stdout"].as_str().unwrap();
+    assert!(!env.contains("APEX_SHARED_KEY"), "{env}");
+    assert!(!env.contains(common::KEY), "{env}");
+    assert!(env.contains(&format!("HOME={}", work.display())), "{env}");
+    assert!(env.contains("PATH=/usr/local/bin:/usr/bin:/bin"), "{env}");
+    assert!(env.contains("APEX_TEST_VALUE=from-policy"), "{env}");
+    assert_eq!(
+        env.lines().count(),
+        4,
+        "only PATH, HOME, LANG and shell_env: {env}"
+    );
+}
+
+/// Returns whether a process exists.
+fn alive(pid: &str) -> bool {
+    Path::new("/proc").join(pid.trim()).exists()
+        && !std::fs::read_to_string(Path::new("/proc").join(pid.trim()).join("stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn timeout_kills_whole_process_group() {
+    let server = apex("timeouts: {shell_seconds: 1, task_seconds: 20}\n");
+    let pid_file = server.work().join("grandchild.pid");
+    let command = format!("sh -c 'sleep 60 & echo $! > {}; sleep 60'", pid_file.display());
+
+    let started = Instant::now();
+    let result = server.run("shell-run", json!({ "input": { "command": command } }));
+    assert_eq!(result["output"]["error"]["kind"], "timed_out", "{result}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!alive(&pid), "the grandchild {pid} was killed with its group");
+}
+
+#[test]
+fn run_deadline_kills_call_in_flight() {
+    let server = apex("timeouts: {shell_seconds: 60, task_seconds: 1}\n");
+    let pid_file = server.work().join("grandchild.pid");
+    let command = format!("sh -c 'sleep 60 & echo $! > {}; sleep 60'", pid_file.display());
+
+    let result = server.run("shell-run", json!({ "input": { "command": command } }));
+    assert_eq!(result["status"], "timed_out", "{result}");
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert!(
+        !alive(&pid),
+        "the grandchild {pid} was killed when the run timed out"
+    );
+}
+
+#[test]
+fn output_over_cap_cut() {
+    let server = apex("limits: {shell_output_kib: 4}\n");
+    let output = shell(&server, "seq 1 100000", None);
+    assert_eq!(output["truncated"], true, "{output}");
+    assert_eq!(output["stdout"].as_str().unwrap().len(), 4096);
+
+    let output = shell(&server, "seq 1 10", None);
+    assert_eq!(output["truncated"], false);
+}
+
+#[test]
+fn process_limit_serialises_calls() {
+    let server = apex("limits: {max_shell_processes: 1}\n");
+    let started = Instant::now();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = server.addr.clone();
+            std::thread::spawn(move || {
+                let body = json!({ "input": { "command": "sleep 1" } }).to_string();
+                common::send_raw(
+                    &addr,
+                    &common::Request::new("POST", "/v1/plugins/shell-run/run", body).signed(),
+                )
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.join().unwrap().json()["output"]["exit_code"], 0);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Runs git in `dir` for the test's own setup.
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+/// Creates a bare repository `origin.git` in `work` with one commit, and
+/// returns the path of a scratch clone used to push more commits.
+fn origin(work: &Path) -> std::path::PathBuf {
+    let seed = work.join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    git(&seed, &["init", "-q", "-b", "main"]);
+    std::fs::write(seed.join("README.md"), "first\n").unwrap();
+    git(&seed, &["add", "."]);
+    git(&seed, &["commit", "-q", "-m", "first"]);
+    git(work, &["clone", "-q", "--bare", "seed", "origin.git"]);
+    git(
+        &seed,
+        &[
+            "remote",
+            "add",
+            "origin",
+            work.join("origin.git").to_str().unwrap(),
+        ],
+    );
+    seed
+}
+
+fn head_of(dir: &Path) -> String {
+    let output = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn git_sync_clones_then_pulls() {
+    let server = apex("");
+    server.upload_plugin("git-sync");
+    let work = server.work();
+    let seed = origin(&work);
+    let checkout = work.join("checkout");
+    let input = json!({ "input": { "repo": work.join("origin.git"), "dir": checkout } });
+
+    let result = server.run("git-sync", input.clone());
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["output"]["action"], "clone");
+    assert_eq!(result["output"]["files"], json!(["README.md"]));
+    assert_eq!(result["output"]["head"], head_of(&seed));
+
+    std::fs::write(seed.join("NEW.md"), "second\n").unwrap();
+    git(&seed, &["add", "."]);
+    git(&seed, &["commit", "-q", "-m", "second"]);
+    git(&seed, &["push", "-q", "origin", "main"]);
+
+    let result = server.run("git-sync", input);
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["output"]["action"], "pull");
+    assert_eq!(result["output"]["files"], json!(["NEW.md", "README.md"]));
+    assert_eq!(result["output"]["head"], head_of(&seed));
+}
+
+#[test]
+fn git_options_and_transports_denied() {
+    let server = apex("");
+    let work = server.work();
+    origin(&work);
+    let marker = work.join("pwned");
+    let repo = work.join("origin.git");
+    for command in [
+        format!(
+            "git clone --upload-pack='touch {}' {} a",
+            marker.display(),
+            repo.display()
+        ),
+        format!(
+            "git clone --upload-pack 'touch {}' {} b",
+            marker.display(),
+            repo.display()
+        ),
+        format!("git clone -u 'touch {}' {} c", marker.display(), repo.display()),
+        format!("git clone -c core.hooksPath=x {} d", repo.display()),
+        format!("git clone --config core.fsmonitor=x {} e", repo.display()),
+        format!("git clone --template={} {} f", work.display(), repo.display()),
+        format!("git clone 'ext::sh -c touch% {}' g", marker.display()),
+        "git clone fd::3 h".to_string(),
+    ] {
+        assert_denied(&server, &command, None, "git");
+    }
+    // Global options come before the subcommand, so they match no entry.
+    assert_denied(
+        &server,
+        "git -c core.pager=x pull",
+        None,
+        "matches no shell_allow entry",
+    );
+    assert_denied(
+        &server,
+        &format!("git -C {} pull", work.display()),
+        None,
+        "matches no shell_allow entry",
+    );
+    assert!(!marker.exists());
+}
+
+#[test]
+fn planted_repository_config_and_hooks_neutralised() {
+    let server = apex("");
+    let work = server.work();
+    let seed = origin(&work);
+    let checkout = work.join("checkout");
+    git(&work, &["clone", "-q", "origin.git", "checkout"]);
+
+    // What a task could plant in a repository it can write.
+    let marker = work.join("pwned");
+    let hook = format!("#!/bin/sh\ntouch {}\n", marker.display());
+    for name in [
+        "post-merge",
+        "pre-merge-commit",
+        "post-checkout",
+        "reference-transaction",
+    ] {
+        let path = checkout.join(".git/hooks").join(name);
+        std::fs::write(&path, &hook).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let mut config = std::fs::read_to_string(checkout.join(".git/config")).unwrap();
+    config.push_str(&format!(
+        "[core]\n\tfsmonitor = \"touch {m}-fsmonitor\"\n\thooksPath = .git/hooks\n\tsshCommand = \"touch {m}-ssh\"\n",
+        m = marker.display()
+    ));
+    std::fs::write(checkout.join(".git/config"), config).unwrap();
+
+    std::fs::write(seed.join("NEW.md"), "second\n").unwrap();
+    git(&seed, &["add", "."]);
+    git(&seed, &["commit", "-q", "-m", "second"]);
+    git(&seed, &["push", "-q", "origin", "main"]);
+
+    let output = shell(&server, "git pull", Some(&checkout));
+    assert_eq!(output["exit_code"], 0, "{output}");
+    assert!(checkout.join("NEW.md").exists(), "the pull itself worked");
+    for suffix in ["", "-fsmonitor", "-ssh"] {
+        let path = format!("{}{suffix}", marker.display());
+        assert!(!Path::new(&path).exists(), "{path} must not be created");
+    }
+}
+
+#[test]
+fn invalid_shell_policy_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    for (policy, expected) in [
+        ("shell_allow: [\"git pull; id\"]\n", "shell_allow[0]"),
+        ("shell_allow: [\"echo $HOME\"]\n", "shell_allow[0]"),
+        ("shell_env: {PATH: /tmp}\n", "shell_env.PATH"),
+        ("shell_env: {GIT_DIR: x}\n", "shell_env.GIT_DIR"),
+        ("shell_env: {\"A-B\": x}\n", "shell_env.A-B"),
+        ("shell_path: [\"bin\"]\n", "shell_path[0]"),
+        ("limits: {max_shell_processes: 0}\n", "limits.max_shell_processes"),
+    ] {
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(&file, policy).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(["policy", "check"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{policy}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{policy}: {stderr}");
+    }
+}
