@@ -9,7 +9,7 @@ echo "==> building the example plugins (wasm32-wasip2)"
 scripts/build-plugins.sh
 echo "==> building apex"
 cargo build --locked --quiet
-apex=target/debug/apex
+apex="${CARGO_TARGET_DIR:-target}/debug/apex"
 
 # The bundled policy allows ./work; give wordcount something to count.
 mkdir -p work
@@ -21,7 +21,12 @@ export APEX_SHARED_KEY
 log=$(mktemp -d)
 "$apex" serve --config config/policy.yaml --data data --listen 127.0.0.1:0 >"$log/stdout" 2>"$log/stderr" &
 server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
+stop() {
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null || true
+    rm -rf "$log"
+}
+trap stop EXIT
 
 for _ in $(seq 1 300); do
     grep -q '^apex listening on ' "$log/stdout" 2>/dev/null && break
@@ -34,7 +39,7 @@ for _ in $(seq 1 300); do
 done
 APEX_URL=$(sed -n 's/^apex listening on //p' "$log/stdout")
 export APEX_URL
-echo "==> server listening on $APEX_URL (log: $log/stderr)"
+echo "==> server listening on $APEX_URL"
 
 echo "==> uploading plugins"
 "$apex" upload hello target/plugins/hello.wasm

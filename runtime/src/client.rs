@@ -55,9 +55,13 @@ impl Client {
     ///
     /// Fails when `url` is not an http URL.
     pub fn new(url: &str, key: &str) -> anyhow::Result<Client> {
-        let base = reqwest::Url::parse(url).with_context(|| format!("invalid server URL {url:?}"))?;
+        let base = reqwest::Url::parse(url)
+            .with_context(|| format!("invalid server URL {url:?}; write it as http://HOST:PORT"))?;
         if base.scheme() != "http" {
             anyhow::bail!("invalid server URL {url:?}: only http:// is supported");
+        }
+        if base.query().is_some() || base.fragment().is_some() {
+            anyhow::bail!("invalid server URL {url:?}: remove the query or fragment");
         }
         crate::server::check_key(key)?;
         Ok(Client {
@@ -73,10 +77,15 @@ impl Client {
     ///
     /// Fails when the server cannot be reached.
     pub async fn send(&self, method: Method, target: &str, body: Vec<u8>) -> anyhow::Result<Reply> {
-        let url = self
-            .base
-            .join(target)
-            .with_context(|| format!("invalid request target {target:?}"))?;
+        // A path in the server URL (a reverse proxy's prefix) is kept.
+        let prefix = self.base.path().trim_end_matches('/');
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (target, None),
+        };
+        let mut url = self.base.clone();
+        url.set_path(&format!("{prefix}{path}"));
+        url.set_query(query);
         // Sign the target exactly as it will go on the wire, after URL parsing.
         let mut wire_target = url.path().to_owned();
         if let Some(query) = url.query() {

@@ -64,8 +64,11 @@ enum Command {
         /// Plugin name.
         name: String,
         /// Input as JSON text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "input_file")]
         input: Option<String>,
+        /// File holding the input as JSON, for inputs too long for the command line.
+        #[arg(long)]
+        input_file: Option<PathBuf>,
         /// Argument for a command plugin (repeatable).
         #[arg(long = "arg", allow_hyphen_values = true)]
         args: Vec<String>,
@@ -93,12 +96,23 @@ enum PolicyCommand {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
+
+    let (filter, filter_error) = match tracing_subscriber::EnvFilter::try_from_env("APEX_LOG") {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("info"),
+            std::env::var("APEX_LOG").ok().map(|v| (v, e)),
+        ),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("APEX_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some((value, error)) = filter_error {
+        tracing::warn!("invalid APEX_LOG {value:?} ({error}); logging at info");
+    }
 
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -117,6 +131,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes to stdout; a closed pipe (`apex ... | head`) is not an error.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// Rejects a plugin name before it is put into a URL.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if !apex::store::is_valid_name(name) {
+        anyhow::bail!(
+            "invalid plugin name {name:?}: use 1 to 63 characters from a-z, 0-9, `_` and `-`, starting with a letter or digit"
+        );
+    }
+    Ok(())
+}
+
 fn shared_key() -> String {
     std::env::var("APEX_SHARED_KEY").unwrap_or_default()
 }
@@ -128,7 +158,7 @@ fn client() -> anyhow::Result<Client> {
 
 /// Prints a reply as JSON and maps its status to the exit code.
 fn print_reply(reply: apex::client::Reply) -> anyhow::Result<ExitCode> {
-    println!("{}", serde_json::to_string_pretty(&reply.body)?);
+    print_out(&format!("{}\n", serde_json::to_string_pretty(&reply.body)?));
     if !reply.status.is_success() {
         eprintln!("error: the server returned {}", reply.status);
         return Ok(ExitCode::FAILURE);
@@ -153,11 +183,11 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let data = std::path::absolute(&data)?;
             let policy = apex::server::load_policy(&path, &data)?;
-            print!("{}", policy.describe());
+            print_out(&policy.describe());
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen => {
-            println!("{}", apex::auth::generate_key());
+            print_out(&format!("{}\n", apex::auth::generate_key()));
             Ok(ExitCode::SUCCESS)
         }
         Command::Sign {
@@ -168,6 +198,11 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let key = shared_key();
             apex::server::check_key(&key)?;
+            if !target.starts_with('/') {
+                anyhow::bail!(
+                    "the target is the path and query as sent, such as /v1/plugins, not {target:?}"
+                );
+            }
             let body = match (body_file, body) {
                 (Some(path), _) => {
                     std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
@@ -176,23 +211,38 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 (None, None) => Vec::new(),
             };
             let headers = sign_request(key.as_bytes(), &method, &target, &body);
-            println!("X-TS: {}", headers.ts);
-            println!("X-Nonce: {}", headers.nonce);
-            println!("X-SIG: {}", headers.signature);
+            print_out(&format!(
+                "X-TS: {}\nX-Nonce: {}\nX-SIG: {}\n",
+                headers.ts, headers.nonce, headers.signature
+            ));
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload { name, file } => {
+            check_name(&name)?;
             let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let reply = client()?
                 .send(Method::PUT, &format!("/v1/plugins/{name}"), wasm)
                 .await?;
             print_reply(reply)
         }
-        Command::Run { name, input, args } => {
-            let input: Value = match input {
-                Some(text) => serde_json::from_str(&text)
-                    .with_context(|| format!("--input is not valid JSON: {text}"))?,
-                None => Value::Null,
+        Command::Run {
+            name,
+            input,
+            input_file,
+            args,
+        } => {
+            check_name(&name)?;
+            let input: Value = match (input, input_file) {
+                (Some(text), _) => serde_json::from_str(&text).with_context(|| {
+                    format!("--input is not valid JSON: {}", apex::truncate_text(&text, 200))
+                })?,
+                (None, Some(path)) => {
+                    let text =
+                        std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    serde_json::from_slice(&text)
+                        .with_context(|| format!("{} is not valid JSON", path.display()))?
+                }
+                (None, None) => Value::Null,
             };
             let mut body = json!({ "input": input });
             if !args.is_empty() {
@@ -210,10 +260,13 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(if succeeded { code } else { ExitCode::FAILURE })
         }
         Command::Plugins => print_reply(client()?.send(Method::GET, "/v1/plugins", Vec::new()).await?),
-        Command::Delete { name } => print_reply(
-            client()?
-                .send(Method::DELETE, &format!("/v1/plugins/{name}"), Vec::new())
-                .await?,
-        ),
+        Command::Delete { name } => {
+            check_name(&name)?;
+            print_reply(
+                client()?
+                    .send(Method::DELETE, &format!("/v1/plugins/{name}"), Vec::new())
+                    .await?,
+            )
+        }
     }
 }

@@ -23,7 +23,7 @@ use crate::shell::rules::ShellEntry;
 #[non_exhaustive]
 pub enum PolicyError {
     /// The file could not be read.
-    #[error("cannot read policy file {path}: {source}")]
+    #[error("cannot read policy file {path}")]
     Read {
         /// The policy file.
         path: PathBuf,
@@ -84,6 +84,8 @@ pub struct Timeouts {
     /// Deadline of one plugin run (`task_seconds`, or `python_seconds` in the
     /// operators' original format).
     pub task: Duration,
+    /// The key the run deadline came from, for messages.
+    pub task_key: &'static str,
     /// Deadline of one host shell call (`shell_seconds`).
     pub shell: Duration,
     /// Deadline of one outgoing HTTP request (`http_seconds`).
@@ -194,8 +196,8 @@ pub struct Policy {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     #[serde(default)]
-    shell_allow: Vec<String>,
-    shell_path: Option<Vec<String>>,
+    shell_allow: Vec<serde_yaml_ng::Value>,
+    shell_path: Option<Vec<serde_yaml_ng::Value>>,
     #[serde(default)]
     shell_env: BTreeMap<String, String>,
     #[serde(default)]
@@ -224,7 +226,7 @@ fn default_mode() -> PathMode {
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
     #[serde(default)]
-    http_allow_domains: Vec<String>,
+    http_allow_domains: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
     allow_private_addresses: bool,
     #[serde(default)]
@@ -326,20 +328,25 @@ impl Policy {
         let checker = Checker { source };
         let base = source.parent().unwrap_or(Path::new("/"));
 
-        checker.check_strings("shell_allow", &raw.shell_allow)?;
-        checker.check_strings("network.http_allow_domains", &raw.network.http_allow_domains)?;
+        let shell_allow = checker.strings("shell_allow", &raw.shell_allow)?;
+        let domains = checker.strings("network.http_allow_domains", &raw.network.http_allow_domains)?;
+        let shell_path = raw
+            .shell_path
+            .as_deref()
+            .map(|p| checker.strings("shell_path", p))
+            .transpose()?;
         let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
         checker.check_protected(&paths_allow, protected)?;
-        let network = checker.network(base, &raw.network)?;
-        let shell = checker.shell(&raw)?;
+        let network = checker.network(base, &raw.network, &domains)?;
+        let shell = checker.shell(&shell_allow, shell_path, &raw.shell_env)?;
 
         Ok(Policy {
             source: source.to_path_buf(),
             sha256,
-            shell_allow: raw.shell_allow.clone(),
+            shell_allow,
             shell,
             paths_allow,
-            http_allow_domains: raw.network.http_allow_domains,
+            http_allow_domains: domains,
             network,
             timeouts: checker.timeouts(&raw.timeouts)?,
             limits: checker.limits(&raw.limits)?,
@@ -449,9 +456,17 @@ impl Checker<'_> {
         }
     }
 
-    fn check_strings(&self, key: &str, values: &[String]) -> Result<(), PolicyError> {
+    /// Checks a list of strings: each a non-empty quoted string, none twice.
+    fn strings(&self, key: &str, values: &[serde_yaml_ng::Value]) -> Result<Vec<String>, PolicyError> {
         let mut seen = HashSet::new();
+        let mut strings = Vec::new();
         for (index, value) in values.iter().enumerate() {
+            let serde_yaml_ng::Value::String(value) = value else {
+                return Err(self.error(
+                    format!("{key}[{index}]"),
+                    format!("{} is not a string; quote the entry", describe_yaml(value)),
+                ));
+            };
             if value.trim().is_empty() {
                 return Err(self.error(
                     format!("{key}[{index}]"),
@@ -464,8 +479,9 @@ impl Checker<'_> {
                     format!("duplicate entry {value:?}; list each value once"),
                 ));
             }
+            strings.push(value.clone());
         }
-        Ok(())
+        Ok(strings)
     }
 
     fn resolve_paths(
@@ -628,6 +644,7 @@ impl Checker<'_> {
 
         Ok(Timeouts {
             task: self.seconds(task_key, task, DEFAULT_TASK_SECONDS)?,
+            task_key,
             shell: self.seconds("timeouts.shell_seconds", raw.shell_seconds, DEFAULT_SHELL_SECONDS)?,
             http: self.seconds("timeouts.http_seconds", raw.http_seconds, DEFAULT_HTTP_SECONDS)?,
         })
@@ -701,18 +718,21 @@ impl Checker<'_> {
 }
 
 impl Checker<'_> {
-    fn shell(&self, raw: &RawPolicy) -> Result<ShellPolicy, PolicyError> {
+    fn shell(
+        &self,
+        shell_allow: &[String],
+        shell_path: Option<Vec<String>>,
+        shell_env: &BTreeMap<String, String>,
+    ) -> Result<ShellPolicy, PolicyError> {
         let mut entries = Vec::new();
-        for (index, written) in raw.shell_allow.iter().enumerate() {
+        for (index, written) in shell_allow.iter().enumerate() {
             let entry = ShellEntry::parse(written)
                 .map_err(|e| self.error(format!("shell_allow[{index}]"), format!("{written:?}: {e}")))?;
             entries.push(entry);
         }
 
-        let written_path: Vec<String> = match &raw.shell_path {
-            Some(path) => path.clone(),
-            None => DEFAULT_SHELL_PATH.iter().map(|p| p.to_string()).collect(),
-        };
+        let written_path: Vec<String> =
+            shell_path.unwrap_or_else(|| DEFAULT_SHELL_PATH.iter().map(|p| p.to_string()).collect());
         let mut search_path = Vec::new();
         for (index, dir) in written_path.iter().enumerate() {
             let path = PathBuf::from(dir);
@@ -725,7 +745,7 @@ impl Checker<'_> {
             search_path.push(path);
         }
 
-        for name in raw.shell_env.keys() {
+        for name in shell_env.keys() {
             let valid = !name.is_empty()
                 && !name.starts_with(|c: char| c.is_ascii_digit())
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
@@ -746,13 +766,18 @@ impl Checker<'_> {
         Ok(ShellPolicy {
             entries,
             search_path,
-            env: raw.shell_env.clone(),
+            env: shell_env.clone(),
         })
     }
 
-    fn network(&self, base: &Path, raw: &RawNetwork) -> Result<NetworkPolicy, PolicyError> {
+    fn network(
+        &self,
+        base: &Path,
+        raw: &RawNetwork,
+        domains: &[String],
+    ) -> Result<NetworkPolicy, PolicyError> {
         let mut http_allow = Vec::new();
-        for (index, entry) in raw.http_allow_domains.iter().enumerate() {
+        for (index, entry) in domains.iter().enumerate() {
             let key = format!("network.http_allow_domains[{index}]");
             let rule = HostRule::parse(entry).map_err(|e| self.error(&key, format!("{entry:?}: {e}")))?;
             if let Some(earlier) = http_allow.iter().position(|r| *r == rule) {
@@ -829,4 +854,16 @@ fn path_forms(path: &Path) -> Vec<PathBuf> {
         }
     }
     forms
+}
+
+fn describe_yaml(value: &serde_yaml_ng::Value) -> String {
+    match value {
+        serde_yaml_ng::Value::Null => "null".into(),
+        serde_yaml_ng::Value::Bool(b) => format!("the boolean {b}"),
+        serde_yaml_ng::Value::Number(n) => format!("the number {n}"),
+        serde_yaml_ng::Value::String(s) => format!("the string {s:?}"),
+        serde_yaml_ng::Value::Sequence(_) => "a list".into(),
+        serde_yaml_ng::Value::Mapping(_) => "a mapping".into(),
+        serde_yaml_ng::Value::Tagged(_) => "a tagged value".into(),
+    }
 }

@@ -76,11 +76,13 @@ pub fn load_policy(config: &std::path::Path, data: &std::path::Path) -> anyhow::
 /// Fails when the key, policy, data directory or listen address is unusable.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     check_key(&options.key)?;
+
+    // The policy is checked before anything is created, so a bad policy
+    // leaves no data directory behind.
+    let policy = load_policy(&options.config, &std::path::absolute(&options.data)?)?;
     create_private_dir(&options.data)
         .with_context(|| format!("cannot use data directory {}", options.data.display()))?;
     let data = options.data.canonicalize()?;
-
-    let policy = load_policy(&options.config, &data)?;
     for line in policy.describe().lines() {
         tracing::info!("{line}");
     }

@@ -228,8 +228,17 @@ pub fn create_private_dir(path: &Path) -> io::Result<()> {
     match std::fs::DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            if mode != 0o700 {
+                tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "restricting directory to its owner (mode 700)");
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+            }
+            Ok(())
         }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(io::Error::new(
+            e.kind(),
+            format!("{} exists and is not a directory", path.display()),
+        )),
         Err(e) => Err(io::Error::new(
             e.kind(),
             format!("cannot create {}: {e}", path.display()),

@@ -431,3 +431,85 @@ fn altered_component_not_loaded_on_restart() {
     assert_eq!(response.status, 404, "an altered component must not run");
     assert!(server.log().contains("the file was altered"), "{}", server.log());
 }
+
+#[test]
+fn wrong_method_and_unknown_paths_answer_json() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+
+    let response = server.send(&Request::new("GET", "/v1/plugins/hello/run", "").signed());
+    assert_eq!(response.status, 405);
+    assert_eq!(response.error_code(), "method_not_allowed");
+
+    // Paths outside the API are not found, signed or not.
+    let response = server.send(&Request::new("GET", "/nope", ""));
+    assert_eq!(response.status, 404);
+    assert_eq!(response.error_code(), "route_not_found");
+}
+
+#[test]
+fn client_rejects_invalid_names_before_sending() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+    for name in ["hello?x=1", "a/b", "../etc", "", "Hello"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(["delete", name])
+            .env("APEX_URL", format!("http://{}", server.addr))
+            .env("APEX_SHARED_KEY", common::KEY)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{name}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("invalid plugin name"),
+            "{name}"
+        );
+    }
+    let list = server
+        .send(&Request::new("GET", "/v1/plugins", "").signed())
+        .json();
+    assert_eq!(
+        list["plugins"].as_array().unwrap().len(),
+        1,
+        "nothing was deleted"
+    );
+}
+
+#[test]
+fn client_keeps_path_prefix_of_url() {
+    let server = TestServer::start();
+    // No proxy strips the prefix here, so the server sees it and answers 404:
+    // what matters is that the client sent it and signed it.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["plugins"])
+        .env("APEX_URL", format!("http://{}/prefix/", server.addr))
+        .env("APEX_SHARED_KEY", common::KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("route_not_found"), "{stdout}");
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["plugins"])
+        .env("APEX_URL", server.addr.clone())
+        .env("APEX_SHARED_KEY", common::KEY)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("http://HOST:PORT"));
+}
+
+#[test]
+fn timeout_message_names_the_key_used() {
+    let server = TestServer::start_with(Setup {
+        policy: "timeouts: {python_seconds: 1}\n".into(),
+    });
+    server.upload_plugin("probe");
+    let result = server.run("probe", json!({ "input": { "op": "loop" } }));
+    assert_eq!(result["status"], "timed_out");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .contains("timeouts.python_seconds"),
+        "{result}"
+    );
+}

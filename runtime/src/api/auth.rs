@@ -66,6 +66,12 @@ pub async fn authenticate(
     request: Request,
     next: Next,
 ) -> Response {
+    // Only the API is signed; any other path is simply not found.
+    let path = request.uri().path();
+    if path != "/v1" && !path.starts_with("/v1/") {
+        return next.run(request).await;
+    }
+
     let (parts, body) = request.into_parts();
     let method = parts.method.as_str().to_owned();
     // The request target as it appeared in the request line; hyper keeps the

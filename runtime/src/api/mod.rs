@@ -52,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/plugins/{name}/run", post(run_plugin))
         .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -67,6 +68,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method; see the README for the API",
+    )
 }
 
 async fn route_not_found() -> ApiError {

@@ -322,8 +322,9 @@ impl Engine {
                 None,
                 None,
                 Some(format!(
-                    "deadline of {} s exceeded (timeouts.task_seconds)",
-                    deadline.as_secs()
+                    "deadline of {} s exceeded ({})",
+                    deadline.as_secs(),
+                    policy.timeouts.task_key
                 )),
             ),
             Ok(Err(e)) => {

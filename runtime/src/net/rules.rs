@@ -131,6 +131,9 @@ impl HostRule {
     /// Returns what is wrong with the entry.
     pub fn parse(entry: &str) -> Result<HostRule, String> {
         let entry = entry.trim();
+        if entry.contains("://") || entry.contains('/') {
+            return Err("write a host name without scheme or path, such as api.github.com".into());
+        }
         let (host, port) = split_port(entry)?;
 
         if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
