@@ -109,6 +109,10 @@ pub struct Limits {
     pub max_shell_processes: usize,
     /// Maximum stdout, and separately stderr, kept per shell call, in bytes (`shell_output_kib`).
     pub shell_output_bytes: usize,
+    /// Runs that execute at once (`max_concurrent_runs`).
+    pub max_concurrent_runs: usize,
+    /// Runs that may wait for a free slot; more get 503 (`max_queued_runs`).
+    pub max_queued_runs: usize,
 }
 
 /// What the host shell call may run.
@@ -156,6 +160,8 @@ const DEFAULT_INPUT_KIB: u64 = 1024;
 const DEFAULT_OUTPUT_KIB: u64 = 1024;
 const DEFAULT_RESPONSE_MIB: u64 = 16;
 const DEFAULT_SHELL_PROCESSES: u64 = 4;
+const DEFAULT_CONCURRENT_RUNS: u64 = 64;
+const DEFAULT_QUEUED_RUNS: u64 = 256;
 
 const MAX_SECONDS: u64 = 24 * 60 * 60;
 
@@ -168,6 +174,8 @@ const MAX_INPUT_KIB: u64 = 64 * 1024;
 const MAX_OUTPUT_KIB: u64 = 64 * 1024;
 const MAX_RESPONSE_MIB: u64 = 1024;
 const MAX_SHELL_PROCESSES: u64 = 256;
+const MAX_CONCURRENT_RUNS: u64 = 4096;
+const MAX_QUEUED_RUNS: u64 = 100_000;
 
 /// A validated policy.
 #[derive(Debug, Clone)]
@@ -253,6 +261,8 @@ struct RawLimits {
     response_mib: Option<u64>,
     max_shell_processes: Option<u64>,
     shell_output_kib: Option<u64>,
+    max_concurrent_runs: Option<u64>,
+    max_queued_runs: Option<u64>,
 }
 
 /// Files the server trusts, which no allowed path may contain or lie inside.
@@ -420,14 +430,16 @@ impl Policy {
         ));
         let l = &self.limits;
         out.push_str(&format!(
-            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, shell output {} KiB per stream, {} shell processes at once\n",
+            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, shell output {} KiB per stream, {} shell processes at once, {} runs at once and {} queued\n",
             l.memory_bytes >> 20,
             l.upload_bytes >> 20,
             l.input_bytes >> 10,
             l.output_bytes >> 10,
             l.response_bytes >> 20,
             l.shell_output_bytes >> 10,
-            l.max_shell_processes
+            l.max_shell_processes,
+            l.max_concurrent_runs,
+            l.max_queued_runs
         ));
         out
     }
@@ -706,6 +718,18 @@ impl Checker<'_> {
                 raw.shell_output_kib,
                 DEFAULT_OUTPUT_KIB,
                 MAX_OUTPUT_KIB,
+            )?,
+            max_concurrent_runs: count(
+                "limits.max_concurrent_runs",
+                raw.max_concurrent_runs,
+                DEFAULT_CONCURRENT_RUNS,
+                MAX_CONCURRENT_RUNS,
+            )?,
+            max_queued_runs: count(
+                "limits.max_queued_runs",
+                raw.max_queued_runs,
+                DEFAULT_QUEUED_RUNS,
+                MAX_QUEUED_RUNS,
             )?,
             max_shell_processes: count(
                 "limits.max_shell_processes",

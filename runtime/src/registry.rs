@@ -6,11 +6,26 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::Semaphore;
 
 use crate::engine::{CompileError, CompiledPlugin, Engine};
-use crate::store::{PluginRecord, PluginStore};
+use crate::store::{ArtifactRecord, PluginRecord, PluginStore};
 
 /// Compiles that may run at once. Compiling is CPU-bound and wasmtime already
 /// compiles functions in parallel, so more would only slow runs down.
 const CONCURRENT_COMPILES: usize = 1;
+
+/// Serialises `compiled` and records the artifact's engine and digest in
+/// `record`; returns the bytes to store.
+fn cache_artifact(
+    engine: &Engine,
+    compiled: &CompiledPlugin,
+    record: &mut PluginRecord,
+) -> anyhow::Result<Vec<u8>> {
+    let artifact = compiled.artifact()?;
+    record.artifact = Some(ArtifactRecord {
+        engine: engine.compatibility_key(),
+        sha256: crate::auth::sha256_hex(&artifact),
+    });
+    Ok(artifact)
+}
 
 /// A plugin ready to run.
 pub struct LoadedPlugin {
@@ -62,9 +77,9 @@ impl Registry {
         };
         for record in records {
             let name = record.name.clone();
-            match registry.compile_stored(record).await {
-                Ok(plugin) => {
-                    tracing::info!(plugin = %name, sha256 = %plugin.record.sha256, "loaded plugin");
+            match registry.load_stored(record).await {
+                Ok((plugin, source)) => {
+                    tracing::info!(plugin = %name, sha256 = %plugin.record.sha256, "loaded plugin {source}");
                     registry.insert(plugin);
                 }
                 Err(e) => {
@@ -75,17 +90,51 @@ impl Registry {
         Ok(registry)
     }
 
-    async fn compile_stored(&self, record: PluginRecord) -> Result<LoadedPlugin, String> {
+    /// Loads a stored plugin from its cached compiled code, or compiles it
+    /// again (and caches the result) when that code is missing, stale or
+    /// altered. Returns the plugin and where its code came from.
+    async fn load_stored(&self, record: PluginRecord) -> Result<(LoadedPlugin, &'static str), String> {
+        let engine = self.engine.clone();
+        let store = self.store.clone();
+        let candidate = record.clone();
+        let cached = tokio::task::spawn_blocking(move || {
+            let record = candidate;
+            let key = engine.compatibility_key();
+            let artifact = store.read_artifact(&record, &key)?;
+            match engine.load_artifact(&artifact) {
+                Ok(compiled) => Some(LoadedPlugin { record, compiled }),
+                Err(e) => {
+                    tracing::warn!(plugin = %record.name, error = %e, "cannot load stored compiled code; compiling again");
+                    None
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if let Some(plugin) = cached {
+            return Ok((plugin, "from cached compiled code"));
+        }
+
         let _permit = self.compiles.acquire().await.map_err(|e| e.to_string())?;
         let engine = self.engine.clone();
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
+        let plugin = tokio::task::spawn_blocking(move || {
             let wasm = store.read_wasm(&record).map_err(|e| e.to_string())?;
             let compiled = engine.compile(&wasm).map_err(|e| e.to_string())?;
-            Ok(LoadedPlugin { record, compiled })
+            let mut record = record;
+            match cache_artifact(&engine, &compiled, &mut record) {
+                Ok(artifact) => {
+                    if let Err(e) = store.save_artifact(&record, &artifact) {
+                        tracing::warn!(plugin = %record.name, error = %e, "cannot store compiled code; it is compiled again at the next start");
+                    }
+                }
+                Err(e) => tracing::warn!(plugin = %record.name, error = %e, "cannot serialise compiled code"),
+            }
+            Ok::<_, String>(LoadedPlugin { record, compiled })
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())??;
+        Ok((plugin, "after compiling it"))
     }
 
     fn insert(&self, plugin: LoadedPlugin) {
@@ -131,20 +180,23 @@ impl Registry {
                 .map_err(|e| UploadError::Host(e.to_string()))??
         };
 
-        let record = PluginRecord {
+        let mut record = PluginRecord {
             name: name.to_owned(),
             sha256: crate::auth::sha256_hex(&wasm),
             size: wasm.len() as u64,
             kind: compiled.kind(),
             uploaded_at: crate::unix_now(),
+            artifact: None,
         };
+        let artifact = cache_artifact(&self.engine, &compiled, &mut record)
+            .map_err(|e| UploadError::Host(format!("cannot serialise the compiled component: {e}")))?;
 
         // Storing and publishing happen under one lock, so a concurrent
         // delete or upload of the same name cannot leave memory and disk apart.
         let _changes = self.changes.lock().await;
         let store = self.store.clone();
         let saved = record.clone();
-        tokio::task::spawn_blocking(move || store.save(&saved, &wasm))
+        tokio::task::spawn_blocking(move || store.save(&saved, &wasm, Some(&artifact)))
             .await
             .map_err(|e| UploadError::Host(e.to_string()))?
             .map_err(|e| UploadError::Host(format!("cannot store the plugin: {e}")))?;

@@ -7,10 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::api::{self, AppState, BodyBudget};
+use crate::api::{self, AppState, BodyBudget, RunSlots};
 use crate::audit::AuditLog;
 use crate::auth::{MIN_KEY_BYTES, Verifier};
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineSettings};
 use crate::grants::Grants;
 use crate::policy::{Policy, ProtectedPaths};
 use crate::registry::Registry;
@@ -90,7 +90,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     // Room for two maximal bodies; more waits, then gets a 503.
     let largest = policy.limits.upload_bytes.max(policy.limits.input_bytes);
     let body_budget = BodyBudget::new(largest.saturating_mul(2));
-    let engine = Arc::new(Engine::new().context("cannot start the WebAssembly engine")?);
+    raise_open_file_limit();
+    let settings = EngineSettings {
+        memory_bytes: policy.limits.memory_bytes,
+        max_concurrent_runs: u32::try_from(policy.limits.max_concurrent_runs).unwrap_or(u32::MAX),
+    };
+    let run_slots = RunSlots::new(policy.limits.max_concurrent_runs, policy.limits.max_queued_runs);
+    let engine = Arc::new(Engine::new(settings).context("cannot start the WebAssembly engine")?);
     let store = Arc::new(
         PluginStore::open(&data)
             .with_context(|| format!("cannot open the plugin store in {}", data.display()))?,
@@ -123,6 +129,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         verifier: Verifier::new(options.key.into_bytes(), crate::unix_now()),
         audit,
         body_budget,
+        run_slots,
     });
 
     println!("apex listening on http://{local}");
@@ -210,6 +217,23 @@ async fn accept_connections(listener: tokio::net::TcpListener, router: axum::Rou
             "requests still running after {} s; stopping anyway",
             SHUTDOWN_GRACE.as_secs()
         );
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection,
+/// preopened directory and shell pipe takes a descriptor.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        match getrlimit(Resource::RLIMIT_NOFILE) {
+            Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open file limit"),
+                Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open file limit"),
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the open file limit"),
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 //! Layout:
 //!
 //! ```text
-//! DATA/plugins/blobs/SHA256.wasm   the uploaded bytes, named by digest
-//! DATA/plugins/NAME.json           the record: digest, size, kind, upload time
+//! DATA/plugins/blobs/SHA256.wasm            the uploaded bytes, named by digest
+//! DATA/plugins/blobs/SHA256.ENGINE.cwasm    compiled native code for one engine
+//! DATA/plugins/NAME.json                    the record: digests, size, kind, upload time
 //! ```
 //!
 //! Every file is written to a temporary name and renamed into place, and the
@@ -39,6 +40,21 @@ pub struct PluginRecord {
     pub kind: PluginKind,
     /// Upload time, Unix seconds.
     pub uploaded_at: u64,
+    /// The compiled native code stored beside the component, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactRecord>,
+}
+
+/// Compiled native code of a component, as stored.
+///
+/// Loading native code runs it, so its digest is kept here, in the data
+/// directory that tasks cannot reach, and checked before every load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// The engine's compatibility key the code was compiled for.
+    pub engine: String,
+    /// SHA-256 of the artifact file, lowercase hex.
+    pub sha256: String,
 }
 
 /// Returns whether `name` is a valid plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -149,17 +165,69 @@ impl PluginStore {
         Ok(bytes)
     }
 
-    /// Stores a component and its record, replacing any plugin of the same name.
+    /// Reads the compiled artifact of `record` for the engine `engine`, if
+    /// one is stored and its digest matches the record.
+    ///
+    /// Returns `None`, with the reason logged, for a missing, stale or altered
+    /// artifact; the caller then compiles again.
+    pub fn read_artifact(&self, record: &PluginRecord, engine: &str) -> Option<Vec<u8>> {
+        let artifact = record.artifact.as_ref()?;
+        if artifact.engine != engine {
+            tracing::info!(plugin = %record.name, "stored compiled code is for another engine version; compiling again");
+            return None;
+        }
+        let mut bytes = Vec::new();
+        let read = self
+            .blobs
+            .open(artifact_name(&record.sha256, engine))
+            .and_then(|mut file| file.read_to_end(&mut bytes));
+        if let Err(e) = read {
+            tracing::warn!(plugin = %record.name, error = %e, "cannot read stored compiled code; compiling again");
+            return None;
+        }
+        let digest = crate::auth::sha256_hex(&bytes);
+        if digest != artifact.sha256 {
+            tracing::warn!(
+                plugin = %record.name,
+                expected = %artifact.sha256,
+                found = %digest,
+                "stored compiled code was altered; compiling again"
+            );
+            return None;
+        }
+        Some(bytes)
+    }
+
+    /// Stores a component, its compiled artifact and its record, replacing
+    /// any plugin of the same name. The record is written last.
     ///
     /// # Errors
     ///
     /// Fails when a file cannot be written; the previous plugin then stays.
-    pub fn save(&self, record: &PluginRecord, wasm: &[u8]) -> io::Result<()> {
+    pub fn save(&self, record: &PluginRecord, wasm: &[u8], artifact: Option<&[u8]>) -> io::Result<()> {
         let _guard = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         write_atomic(&self.blobs, &blob_name(&record.sha256), wasm)?;
-        let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        write_atomic(&self.plugins, &format!("{}.json", record.name), &json)?;
+        self.write_artifact_and_record(record, artifact)?;
         self.remove_unreferenced_blobs()
+    }
+
+    /// Stores a freshly compiled artifact for an existing plugin.
+    ///
+    /// # Errors
+    ///
+    /// Fails when a file cannot be written.
+    pub fn save_artifact(&self, record: &PluginRecord, artifact: &[u8]) -> io::Result<()> {
+        let _guard = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_artifact_and_record(record, Some(artifact))?;
+        self.remove_unreferenced_blobs()
+    }
+
+    fn write_artifact_and_record(&self, record: &PluginRecord, artifact: Option<&[u8]>) -> io::Result<()> {
+        if let (Some(bytes), Some(meta)) = (artifact, &record.artifact) {
+            write_atomic(&self.blobs, &artifact_name(&record.sha256, &meta.engine), bytes)?;
+        }
+        let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_atomic(&self.plugins, &format!("{}.json", record.name), &json)
     }
 
     /// Removes a plugin. Returns whether it existed.
@@ -186,7 +254,13 @@ impl PluginStore {
             tracing::warn!("not removing unreferenced plugin blobs while a plugin record is unreadable");
             return Ok(());
         }
-        let referenced: Vec<String> = records.into_iter().map(|r| blob_name(&r.sha256)).collect();
+        let mut referenced: Vec<String> = Vec::new();
+        for record in records {
+            if let Some(artifact) = &record.artifact {
+                referenced.push(artifact_name(&record.sha256, &artifact.engine));
+            }
+            referenced.push(blob_name(&record.sha256));
+        }
         for entry in self.blobs.entries()? {
             let entry = entry?;
             let name = entry.file_name();
@@ -203,6 +277,10 @@ impl PluginStore {
 
 fn blob_name(sha256: &str) -> String {
     format!("{sha256}.wasm")
+}
+
+fn artifact_name(sha256: &str, engine: &str) -> String {
+    format!("{sha256}.{engine}.cwasm")
 }
 
 /// Writes `data` to `name` in `dir` through a temporary file and a rename,
@@ -257,6 +335,7 @@ mod tests {
             size: wasm.len() as u64,
             kind: PluginKind::Task,
             uploaded_at: 1,
+            artifact: None,
         }
     }
 
@@ -286,8 +365,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = PluginStore::open(dir.path()).unwrap();
 
-        store.save(&record("p", b"one"), b"one").unwrap();
-        store.save(&record("p", b"two"), b"two").unwrap();
+        store.save(&record("p", b"one"), b"one", None).unwrap();
+        store.save(&record("p", b"two"), b"two", None).unwrap();
         let records = store.list().unwrap();
         assert_eq!(records, vec![record("p", b"two")]);
         assert_eq!(store.read_wasm(&records[0]).unwrap(), b"two");
@@ -306,7 +385,7 @@ mod tests {
     fn damaged_record_keeps_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let store = PluginStore::open(dir.path()).unwrap();
-        store.save(&record("p", b"one"), b"one").unwrap();
+        store.save(&record("p", b"one"), b"one", None).unwrap();
         std::fs::write(dir.path().join("plugins/p.json"), b"{ not json").unwrap();
 
         drop(store);
@@ -319,11 +398,44 @@ mod tests {
     }
 
     #[test]
+    fn artifact_checked_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PluginStore::open(dir.path()).unwrap();
+        let mut rec = record("p", b"one");
+        rec.artifact = Some(ArtifactRecord {
+            engine: "e1".into(),
+            sha256: crate::auth::sha256_hex(b"code"),
+        });
+        store.save(&rec, b"one", Some(b"code")).unwrap();
+
+        assert_eq!(store.read_artifact(&rec, "e1").as_deref(), Some(&b"code"[..]));
+        assert_eq!(
+            store.read_artifact(&rec, "e2"),
+            None,
+            "another engine's code is not used"
+        );
+
+        let path = dir
+            .path()
+            .join("plugins/blobs")
+            .join(artifact_name(&rec.sha256, "e1"));
+        std::fs::write(&path, b"evil").unwrap();
+        assert_eq!(store.read_artifact(&rec, "e1"), None, "altered code is not used");
+
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            store.read_artifact(&rec, "e1"),
+            None,
+            "missing code is compiled again"
+        );
+    }
+
+    #[test]
     fn altered_blob_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let store = PluginStore::open(dir.path()).unwrap();
         let rec = record("p", b"one");
-        store.save(&rec, b"one").unwrap();
+        store.save(&rec, b"one", None).unwrap();
 
         std::fs::write(
             dir.path().join("plugins/blobs").join(blob_name(&rec.sha256)),

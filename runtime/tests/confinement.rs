@@ -307,3 +307,77 @@ fn invalid_utf8_output_is_valid_json() {
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["stdout"], "\u{fffd}\u{fffd}\u{fffd}");
 }
+
+#[test]
+fn full_queue_answers_503_and_healthz_stays_fast() {
+    let server = TestServer::start_with(Setup {
+        policy: "timeouts: {task_seconds: 3}\nlimits: {max_concurrent_runs: 1, max_queued_runs: 1}\n".into(),
+    });
+    server.upload_plugin("probe");
+
+    // One run loops in the only slot, one waits in the queue.
+    let looping: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = server.addr.clone();
+            std::thread::spawn(move || {
+                let body = json!({ "input": { "op": "loop" } }).to_string();
+                common::send_raw(
+                    &addr,
+                    &Request::new("POST", "/v1/plugins/probe/run", body).signed(),
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let response =
+        server.send(&Request::new("POST", "/v1/plugins/probe/run", r#"{"input":{"op":"echo"}}"#).signed());
+    assert_eq!(
+        response.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(response.error_code(), "queue_full");
+    let retry = response
+        .headers
+        .iter()
+        .find(|(n, _)| n == "retry-after")
+        .map(|(_, v)| v.clone());
+    assert_eq!(retry.as_deref(), Some("1"));
+
+    let started = Instant::now();
+    assert_eq!(server.send(&Request::new("GET", "/healthz", "")).status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "healthz took {:?}",
+        started.elapsed()
+    );
+
+    for run in looping {
+        assert_eq!(run.join().unwrap().json()["status"], "timed_out");
+    }
+    // With the slot free again, runs go through.
+    assert_eq!(probe(&server, json!({ "op": "echo" }))["status"], "succeeded");
+}
+
+#[test]
+fn component_larger_than_run_budget_rejected_at_upload() {
+    let server = TestServer::start();
+    // 65 core instances, one more than a run may create.
+    let mut wat = String::from("(component (core module $m)");
+    for index in 0..65 {
+        wat.push_str(&format!(" (core instance $i{index} (instantiate $m))"));
+    }
+    wat.push(')');
+    let wasm = wat::parse_str(&wat).unwrap();
+    let response = server.upload("greedy", &wasm);
+    assert_eq!(
+        response.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("64"), "{message}");
+}

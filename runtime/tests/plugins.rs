@@ -129,10 +129,12 @@ fn upload_replaces_existing_plugin() {
         json!({ "op": "echo" }),
         "the new component runs under the old name"
     );
-    let blobs = std::fs::read_dir(server.data().join("plugins/blobs"))
-        .unwrap()
-        .count();
-    assert_eq!(blobs, 1, "the replaced component is removed from disk");
+    let blobs = blob_files(&server);
+    assert_eq!(
+        blobs.len(),
+        2,
+        "one component and its compiled code; the replaced ones are removed: {blobs:?}"
+    );
 }
 
 #[test]
@@ -415,21 +417,89 @@ fn restart_keeps_plugins() {
     );
 }
 
+/// Returns the files in the blob directory, sorted.
+fn blob_files(server: &TestServer) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(server.data().join("plugins/blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn blob_with_extension(server: &TestServer, extension: &str) -> std::path::PathBuf {
+    blob_files(server)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == extension))
+        .unwrap_or_else(|| panic!("no .{extension} file in the blob directory"))
+}
+
 #[test]
 fn altered_component_not_loaded_on_restart() {
     let mut server = TestServer::start();
     server.upload_plugin("hello");
     server.stop();
 
-    let blobs = server.data().join("plugins/blobs");
-    let blob = std::fs::read_dir(&blobs).unwrap().next().unwrap().unwrap().path();
+    // Without compiled code the component must be compiled again, and its
+    // digest no longer matches.
+    std::fs::remove_file(blob_with_extension(&server, "cwasm")).unwrap();
     let probe = std::fs::read(common::plugin("probe")).unwrap();
-    std::fs::write(&blob, probe).unwrap();
+    std::fs::write(blob_with_extension(&server, "wasm"), probe).unwrap();
 
     server.spawn();
     let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", "{}").signed());
     assert_eq!(response.status, 404, "an altered component must not run");
     assert!(server.log().contains("the file was altered"), "{}", server.log());
+}
+
+#[test]
+fn cached_compiled_code_used_after_restart() {
+    let mut server = TestServer::start();
+    server.upload_plugin("hello");
+    server.restart();
+
+    assert!(
+        server.log().contains("loaded plugin from cached compiled code"),
+        "{}",
+        server.log()
+    );
+    let result = server.run("hello", json!({ "input": { "name": "Ada" } }));
+    assert_eq!(result["output"]["greeting"], "Hello, Ada!");
+}
+
+#[test]
+fn corrupt_compiled_code_recompiled() {
+    let mut server = TestServer::start();
+    server.upload_plugin("hello");
+    server.stop();
+
+    let artifact = blob_with_extension(&server, "cwasm");
+    let mut bytes = std::fs::read(&artifact).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&artifact, bytes).unwrap();
+
+    server.spawn();
+    let log = server.log();
+    assert!(
+        log.contains("stored compiled code was altered; compiling again"),
+        "{log}"
+    );
+    assert!(log.contains("loaded plugin after compiling it"), "{log}");
+    let result = server.run("hello", json!({ "input": { "name": "Ada" } }));
+    assert_eq!(result["status"], "succeeded");
+
+    // The fresh code is cached again.
+    server.restart();
+    assert_eq!(
+        server
+            .log()
+            .matches("loaded plugin from cached compiled code")
+            .count(),
+        1,
+        "{}",
+        server.log()
+    );
 }
 
 #[test]

@@ -5,8 +5,10 @@
 
 mod auth;
 mod error;
+mod slots;
 
 pub use self::auth::BodyBudget;
+pub use self::slots::RunSlots;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -40,6 +42,8 @@ pub struct AppState {
     pub audit: AuditLog,
     /// Memory for request bodies, shared by all requests.
     pub body_budget: BodyBudget,
+    /// Run slots and the queue in front of them.
+    pub run_slots: RunSlots,
 }
 
 /// Builds the router.
@@ -189,7 +193,7 @@ async fn run_plugin(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     check_name(&name)?;
     let limit = state.grants.policy.limits.input_bytes;
     if body.len() > limit {
@@ -232,6 +236,19 @@ async fn run_plugin(
         input: request.input.as_ref().map(Value::to_string),
         args: request.args,
     };
+    let Some(_slot) = state.run_slots.acquire().await else {
+        tracing::warn!(plugin = %name, "run queue full; rejecting the run");
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            "every run slot is busy and the queue is full (limits.max_concurrent_runs, limits.max_queued_runs); retry later",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, slots::RETRY_AFTER_SECONDS.into());
+        return Ok(response);
+    };
     let outcome = state.engine.run(&plugin.compiled, run, &state.grants).await;
     for denial in outcome.decisions.iter().filter(|d| !d.allowed) {
         state.audit.record(
@@ -259,7 +276,8 @@ async fn run_plugin(
         &name,
         &outcome,
         state.grants.policy.limits.output_bytes,
-    )))
+    ))
+    .into_response())
 }
 
 /// Builds the JSON result of a run.

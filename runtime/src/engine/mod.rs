@@ -7,6 +7,7 @@
 
 mod limiter;
 mod output;
+mod pool;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,6 +78,7 @@ pub enum PluginKind {
 /// A component compiled and linked against the host, ready to instantiate.
 pub struct CompiledPlugin {
     kind: PluginKind,
+    component: Component,
     prepared: Prepared,
 }
 
@@ -93,6 +95,24 @@ impl CompiledPlugin {
     pub fn kind(&self) -> PluginKind {
         self.kind
     }
+
+    /// Serialises the compiled native code, to store beside the component.
+    ///
+    /// # Errors
+    ///
+    /// Fails when wasmtime cannot serialise the component.
+    pub fn artifact(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.component.serialize()?)
+    }
+}
+
+/// Settings the engine is built with, from the policy's `limits`.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    /// Limit for all linear memories of one run, in bytes.
+    pub memory_bytes: usize,
+    /// Runs that may execute at once; the instance pool is sized for them.
+    pub max_concurrent_runs: u32,
 }
 
 /// How a run ended.
@@ -182,10 +202,14 @@ impl Engine {
     ///
     /// Fails when wasmtime rejects the configuration or the host cannot start
     /// the ticker thread.
-    pub fn new() -> anyhow::Result<Engine> {
+    pub fn new(settings: EngineSettings) -> anyhow::Result<Engine> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        config.allocation_strategy(pool::strategy(
+            settings.max_concurrent_runs,
+            settings.memory_bytes,
+        ));
 
         let engine = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
@@ -228,6 +252,42 @@ impl Engine {
 
         let component =
             Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        self.link(component)
+    }
+
+    /// Returns a key that changes whenever compiled code from this engine
+    /// would no longer load: another wasmtime version, target or settings.
+    pub fn compatibility_key(&self) -> String {
+        use std::hash::{Hash, Hasher};
+
+        // `DefaultHasher::new` uses fixed keys, so the key is stable for one
+        // build of the server, which is all a cached artifact needs.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+
+    /// Loads compiled code that [`CompiledPlugin::artifact`] produced.
+    ///
+    /// # Errors
+    ///
+    /// Fails when wasmtime rejects the code (another engine, corrupt data)
+    /// or linking fails; the caller then compiles the component again.
+    #[allow(unsafe_code)]
+    pub fn load_artifact(&self, artifact: &[u8]) -> Result<CompiledPlugin, CompileError> {
+        // SAFETY: `Component::deserialize` runs the native code it is given,
+        // so the bytes must come from `Component::serialize` of a compatible
+        // engine and be unaltered. The store only returns an artifact whose
+        // SHA-256 matches the digest recorded, when it was written, in the
+        // data directory, which tasks cannot reach; wasmtime itself checks
+        // engine compatibility.
+        let component = unsafe { Component::deserialize(&self.engine, artifact) }
+            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        self.link(component)
+    }
+
+    fn link(&self, component: Component) -> Result<CompiledPlugin, CompileError> {
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -245,6 +305,7 @@ impl Engine {
                 .ok_or(CompileError::NoEntryPoint)?;
             return Ok(CompiledPlugin {
                 kind: PluginKind::Task,
+                component,
                 prepared: Prepared::Task { pre, run },
             });
         }
@@ -256,6 +317,7 @@ impl Engine {
             let command = CommandPre::new(pre).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
             return Ok(CompiledPlugin {
                 kind: PluginKind::Command,
+                component,
                 prepared: Prepared::Command(command),
             });
         }

@@ -323,7 +323,8 @@ pub fn send_raw(addr: &str, request: &Request) -> Response {
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
     stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&request.body).unwrap();
+    // The server may answer (413, 401) and close before the whole body is sent.
+    let _ = stream.write_all(&request.body);
 
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).unwrap();
