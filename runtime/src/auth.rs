@@ -75,7 +75,7 @@ pub fn generate_nonce() -> String {
     hex::encode(bytes)
 }
 
-/// Why a request failed authentication.
+/// Failed authentication check.
 ///
 /// The [`code`](AuthError::code) is stable for clients; the message never
 /// contains a secret.
@@ -116,7 +116,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// A short machine-readable code for API responses and the audit log.
+    /// Returns a short machine-readable code for API responses and the audit log.
     pub fn code(&self) -> &'static str {
         match self {
             AuthError::MissingHeader(_) => "missing_header",

@@ -7,6 +7,7 @@
 //! - [`shell`] runs the commands `shell_allow` permits; [`decision`] records
 //!   what the host allowed and denied.
 //! - [`store`] and [`registry`] keep uploaded plugins on disk and in memory.
+//! - [`history`] keeps runs and the audit log in SQLite.
 //! - [`api`] serves the HTTP API; [`server`] starts it.
 //! - [`client`] is the signing HTTP client behind the `apex` subcommands.
 
@@ -17,6 +18,7 @@ pub mod client;
 pub mod decision;
 pub mod engine;
 pub mod grants;
+pub mod history;
 pub mod net;
 pub mod policy;
 pub mod registry;

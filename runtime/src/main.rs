@@ -14,8 +14,17 @@ use serde_json::{Value, json};
 #[derive(Parser)]
 #[command(name = "apex", version, about)]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` for log collectors.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +81,55 @@ enum Command {
         /// Argument for a command plugin (repeatable).
         #[arg(long = "arg", allow_hyphen_values = true)]
         args: Vec<String>,
+        /// Return the run id at once and let the run go on in the background.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List recent runs, newest first.
+    Runs {
+        /// Only runs of this plugin.
+        #[arg(long)]
+        plugin: Option<String>,
+        /// Only runs with this status (queued, running, succeeded, failed, timed_out, cancelled, interrupted).
+        #[arg(long)]
+        status: Option<String>,
+        /// Runs per page (1 to 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Show runs older than this run id (the `more:` hint of the previous page).
+        #[arg(long)]
+        before: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the status, output, stdout and stderr of one run.
+    Logs {
+        /// Run id.
+        run_id: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running run.
+    Cancel {
+        /// Run id.
+        run_id: String,
+    },
+    /// List audit events, newest first.
+    Audit {
+        /// Only events at or after this Unix time, in seconds.
+        #[arg(long)]
+        since: Option<i64>,
+        /// Only events of this kind (auth_failure, policy_denial, plugin_upload, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Events to show (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the plugins on the server.
     Plugins,
@@ -105,16 +163,18 @@ fn main() -> ExitCode {
             std::env::var("APEX_LOG").ok().map(|v| (v, e)),
         ),
     };
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => subscriber.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => subscriber.json().init(),
+    }
     if let Some((value, error)) = filter_error {
         tracing::warn!("invalid APEX_LOG {value:?} ({error}); logging at info");
     }
 
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -145,6 +205,38 @@ fn check_name(name: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Rejects a run id before it is put into a URL.
+fn check_run_id(id: &str) -> anyhow::Result<()> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        anyhow::bail!("invalid run id {id:?}: run ids are hexadecimal, as `apex runs` lists them");
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn encode_query_value(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prints a successful reply with `format`, or as JSON when asked or on error.
+fn print_formatted(
+    reply: apex::client::Reply,
+    json: bool,
+    format: fn(&Value) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json || !reply.status.is_success() {
+        return print_reply(reply);
+    }
+    print_out(&format(&reply.body));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn shared_key() -> String {
@@ -230,6 +322,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             input,
             input_file,
             args,
+            no_wait,
         } => {
             check_name(&name)?;
             let input: Value = match (input, input_file) {
@@ -248,6 +341,17 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             if !args.is_empty() {
                 body["args"] = json!(args);
             }
+            if no_wait {
+                body["wait"] = json!(false);
+                let reply = client()?
+                    .send(
+                        Method::POST,
+                        &format!("/v1/plugins/{name}/run"),
+                        serde_json::to_vec(&body)?,
+                    )
+                    .await?;
+                return print_reply(reply);
+            }
             let reply = client()?
                 .send(
                     Method::POST,
@@ -258,6 +362,57 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let succeeded = reply.body.get("status").and_then(Value::as_str) == Some("succeeded");
             let code = print_reply(reply)?;
             Ok(if succeeded { code } else { ExitCode::FAILURE })
+        }
+        Command::Runs {
+            plugin,
+            status,
+            limit,
+            before,
+            json,
+        } => {
+            let mut query = vec![format!("limit={limit}")];
+            for (key, value) in [("plugin", plugin), ("status", status), ("before", before)] {
+                if let Some(value) = value {
+                    query.push(format!("{key}={}", encode_query_value(&value)));
+                }
+            }
+            let reply = client()?
+                .send(Method::GET, &format!("/v1/runs?{}", query.join("&")), Vec::new())
+                .await?;
+            print_formatted(reply, json, apex::client::tables::runs_table)
+        }
+        Command::Logs { run_id, json } => {
+            check_run_id(&run_id)?;
+            let reply = client()?
+                .send(Method::GET, &format!("/v1/runs/{run_id}"), Vec::new())
+                .await?;
+            print_formatted(reply, json, apex::client::tables::run_logs)
+        }
+        Command::Cancel { run_id } => {
+            check_run_id(&run_id)?;
+            print_reply(
+                client()?
+                    .send(Method::POST, &format!("/v1/runs/{run_id}/cancel"), Vec::new())
+                    .await?,
+            )
+        }
+        Command::Audit {
+            since,
+            kind,
+            limit,
+            json,
+        } => {
+            let mut query = vec![format!("limit={limit}")];
+            if let Some(since) = since {
+                query.push(format!("since={since}"));
+            }
+            if let Some(kind) = kind {
+                query.push(format!("kind={}", encode_query_value(&kind)));
+            }
+            let reply = client()?
+                .send(Method::GET, &format!("/v1/audit?{}", query.join("&")), Vec::new())
+                .await?;
+            print_formatted(reply, json, apex::client::tables::audit_table)
         }
         Command::Plugins => print_reply(client()?.send(Method::GET, "/v1/plugins", Vec::new()).await?),
         Command::Delete { name } => {

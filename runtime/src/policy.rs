@@ -18,7 +18,7 @@ use crate::shell::rules::ShellEntry;
 
 /// Errors found while loading a policy file.
 ///
-/// Each message names the key and the value at fault and says how to fix it.
+/// Each message names the key and the value at fault and explains how to fix it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PolicyError {
@@ -45,7 +45,7 @@ pub enum PolicyError {
         path: PathBuf,
         /// The key, in dotted form (`timeouts.task_seconds`, `paths_allow[1]`).
         key: String,
-        /// What is wrong and what to do.
+        /// The problem and the fix.
         message: String,
     },
 }
@@ -115,7 +115,7 @@ pub struct Limits {
     pub max_queued_runs: usize,
 }
 
-/// What the host shell call may run.
+/// Rules for the host shell call.
 #[derive(Debug, Clone, Default)]
 pub struct ShellPolicy {
     /// Parsed `shell_allow`, in order.
@@ -198,6 +198,17 @@ pub struct Policy {
     pub timeouts: Timeouts,
     /// Resource limits.
     pub limits: Limits,
+    /// How long history is kept.
+    pub retention: Retention,
+}
+
+/// How long run history and audit events are kept (`retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Days a finished run is kept (`runs_days`).
+    pub runs_days: u64,
+    /// Days an audit event is kept (`audit_days`).
+    pub audit_days: u64,
 }
 
 #[derive(Deserialize)]
@@ -216,6 +227,15 @@ struct RawPolicy {
     timeouts: RawTimeouts,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    runs_days: Option<u64>,
+    audit_days: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -333,6 +353,7 @@ impl Policy {
             network: RawNetwork::default(),
             timeouts: RawTimeouts::default(),
             limits: RawLimits::default(),
+            retention: RawRetention::default(),
         });
 
         let checker = Checker { source };
@@ -360,6 +381,10 @@ impl Policy {
             network,
             timeouts: checker.timeouts(&raw.timeouts)?,
             limits: checker.limits(&raw.limits)?,
+            retention: Retention {
+                runs_days: checker.days("retention.runs_days", raw.retention.runs_days, 30)?,
+                audit_days: checker.days("retention.audit_days", raw.retention.audit_days, 365)?,
+            },
         })
     }
 
@@ -421,6 +446,10 @@ impl Policy {
         ));
 
         out.push_str("raw sockets and name lookup: denied\nenvironment: empty\n");
+        out.push_str(&format!(
+            "history kept: runs {} days, audit events {} days\n",
+            self.retention.runs_days, self.retention.audit_days
+        ));
         let t = &self.timeouts;
         out.push_str(&format!(
             "timeouts: task {} s, shell {} s, http {} s\n",
@@ -676,6 +705,14 @@ impl Checker<'_> {
             return Err(self.error(key, format!("{amount} is out of range; use 1 to {max} {unit}")));
         }
         Ok((amount << unit_shift) as usize)
+    }
+
+    fn days(&self, key: &str, value: Option<u64>, default: u64) -> Result<u64, PolicyError> {
+        let days = value.unwrap_or(default);
+        if days == 0 || days > 36_500 {
+            return Err(self.error(key, format!("{days} is out of range; use 1 to 36500 days")));
+        }
+        Ok(days)
     }
 
     fn limits(&self, raw: &RawLimits) -> Result<Limits, PolicyError> {

@@ -29,13 +29,13 @@ fn cache_artifact(
 
 /// A plugin ready to run.
 pub struct LoadedPlugin {
-    /// What the store records about it.
+    /// The stored record.
     pub record: PluginRecord,
     /// The compiled, linked component.
     pub compiled: CompiledPlugin,
 }
 
-/// Why an upload failed.
+/// Failure of an upload.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
     /// The component is unusable.

@@ -12,6 +12,8 @@ use crate::audit::AuditLog;
 use crate::auth::{MIN_KEY_BYTES, Verifier};
 use crate::engine::{Engine, EngineSettings};
 use crate::grants::Grants;
+use crate::history::History;
+use crate::policy::Retention;
 use crate::policy::{Policy, ProtectedPaths};
 use crate::registry::Registry;
 use crate::store::{PluginStore, create_private_dir};
@@ -101,8 +103,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         PluginStore::open(&data)
             .with_context(|| format!("cannot open the plugin store in {}", data.display()))?,
     );
-    let audit =
-        AuditLog::open(&data).with_context(|| format!("cannot open the audit log in {}", data.display()))?;
+    let history = Arc::new(
+        History::open(&data).with_context(|| format!("cannot open the run history in {}", data.display()))?,
+    );
+    let audit = AuditLog::new(history.clone());
     let registry = Registry::load(engine.clone(), store).await?;
 
     let listener = tokio::net::TcpListener::bind(&options.listen)
@@ -130,7 +134,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         audit,
         body_budget,
         run_slots,
+        history: history.clone(),
+        in_flight: Default::default(),
     });
+    spawn_pruning(history.clone(), state.grants.policy.retention);
 
     println!("apex listening on http://{local}");
     tracing::info!(address = %local, data = %data.display(), "server started");
@@ -138,6 +145,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     accept_connections(listener, api::router(state.clone())).await;
 
     state.audit.record("server_stop", json!({}));
+    history.flush().await;
     tracing::info!("server stopped");
     Ok(())
 }
@@ -218,6 +226,20 @@ async fn accept_connections(listener: tokio::net::TcpListener, router: axum::Rou
             SHUTDOWN_GRACE.as_secs()
         );
     }
+}
+
+/// How often history past its retention is removed.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60 * 60);
+
+/// Removes history past its retention now and every [`PRUNE_INTERVAL`].
+fn spawn_pruning(history: Arc<History>, retention: Retention) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(PRUNE_INTERVAL);
+        loop {
+            ticks.tick().await;
+            history.prune(retention.runs_days, retention.audit_days);
+        }
+    });
 }
 
 /// Raises the soft limit on open files to the hard limit: every connection,

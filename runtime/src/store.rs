@@ -27,7 +27,7 @@ use crate::engine::PluginKind;
 const PLUGINS_DIR: &str = "plugins";
 const BLOBS_DIR: &str = "blobs";
 
-/// What the store records about one plugin.
+/// The stored record of one plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginRecord {
     /// Plugin name.
@@ -36,7 +36,7 @@ pub struct PluginRecord {
     pub sha256: String,
     /// Size of the component in bytes.
     pub size: u64,
-    /// What the component exports.
+    /// The component's entry point.
     pub kind: PluginKind,
     /// Upload time, Unix seconds.
     pub uploaded_at: u64,
@@ -158,7 +158,7 @@ impl PluginStore {
         let digest = crate::auth::sha256_hex(&bytes);
         if digest != record.sha256 {
             return Err(io::Error::other(format!(
-                "component digest is {digest}, the record says {}; the file was altered",
+                "component digest is {digest}, but the record has {}; the file was altered",
                 record.sha256
             )));
         }

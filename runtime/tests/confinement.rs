@@ -78,7 +78,7 @@ fn paths_outside_allowed_denied() {
         json!("/etc/passwd"),
         json!("../secret.txt"),
         json!("secret.txt"),
-        json!(server.data().join("audit.log")),
+        json!(server.data().join("history.db")),
         json!(server.dir.path().join("policy.yaml")),
         json!("/proc/self/environ"),
     ];

@@ -18,7 +18,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::auth::{AuthError, HEADER_NONCE, HEADER_SIG, HEADER_TS, SignedRequest};
 
-/// Longest request target written to logs and the audit log, in bytes.
+/// Maximum length of a request target written to logs and the audit log, in bytes.
 const MAX_LOGGED_TARGET: usize = 200;
 
 /// How long a client may take to send a whole request body.
@@ -30,8 +30,8 @@ const BUDGET_WAIT: Duration = Duration::from_secs(5);
 /// Memory for request bodies being read or handled, shared by all requests.
 ///
 /// Bodies must be read before their signature can be checked, so an
-/// unauthenticated client can make the server hold one; the budget bounds
-/// what all of them together may hold.
+/// unauthenticated client can make the server buffer one. The budget bounds
+/// the bytes all of them buffer together.
 pub struct BodyBudget {
     kib: Arc<Semaphore>,
 }

@@ -31,7 +31,7 @@ use crate::policy::{PathMode, Policy};
 use crate::shell::ShellCalls;
 
 /// Interval between epoch ticks. A running task yields to the async executor
-/// at every tick, so this bounds how long one task holds a worker thread.
+/// at every tick, so this bounds how long one task keeps a worker thread.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Name of the function a `task` world component exports.
@@ -115,7 +115,7 @@ pub struct EngineSettings {
     pub max_concurrent_runs: u32,
 }
 
-/// How a run ended.
+/// Final status of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -125,6 +125,8 @@ pub enum RunStatus {
     Failed,
     /// The deadline passed first.
     TimedOut,
+    /// Cancelled through the API before it finished.
+    Cancelled,
 }
 
 /// Input of one run.
@@ -141,7 +143,7 @@ pub struct RunRequest {
 /// The result of one run.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
-    /// How the run ended.
+    /// Final status.
     pub status: RunStatus,
     /// Text the task returned in `ok` (task plugins only).
     pub output: Option<String>,
@@ -153,10 +155,26 @@ pub struct RunOutcome {
     pub stderr: Captured,
     /// Wall time from the start of instantiation.
     pub duration: Duration,
-    /// Why the run failed or timed out.
+    /// Reason the run failed or timed out.
     pub error: Option<String>,
     /// Capability decisions the host made during the run, in order.
     pub decisions: Vec<Decision>,
+}
+
+impl RunOutcome {
+    /// Returns the outcome of a run cancelled while it waited for a slot.
+    pub fn cancelled_before_start() -> RunOutcome {
+        RunOutcome {
+            status: RunStatus::Cancelled,
+            output: None,
+            exit_code: None,
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            duration: Duration::ZERO,
+            error: Some("cancelled through the API while queued".into()),
+            decisions: Vec::new(),
+        }
+    }
 }
 
 /// Host state of one run.
@@ -246,7 +264,7 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// Returns a [`CompileError`] that says why the bytes cannot be a plugin.
+    /// Returns a [`CompileError`] that explains why the bytes cannot be a plugin.
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, CompileError> {
         check_header(bytes)?;
 
@@ -279,9 +297,9 @@ impl Engine {
         // SAFETY: `Component::deserialize` runs the native code it is given,
         // so the bytes must come from `Component::serialize` of a compatible
         // engine and be unaltered. The store only returns an artifact whose
-        // SHA-256 matches the digest recorded, when it was written, in the
-        // data directory, which tasks cannot reach; wasmtime itself checks
-        // engine compatibility.
+        // SHA-256 matches the digest recorded when it was written. That record
+        // is in the data directory, which tasks cannot reach. wasmtime itself
+        // checks engine compatibility.
         let component = unsafe { Component::deserialize(&self.engine, artifact) }
             .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
         self.link(component)
@@ -325,11 +343,18 @@ impl Engine {
         Err(CompileError::NoEntryPoint)
     }
 
-    /// Runs a plugin once in a fresh instance under `policy`.
+    /// Runs a plugin once in a fresh instance under the policy in `grants`.
     ///
     /// The deadline covers instantiation and the whole call, including time
-    /// the task spends waiting inside host calls.
-    pub async fn run(&self, plugin: &CompiledPlugin, request: RunRequest, grants: &Grants) -> RunOutcome {
+    /// the task spends waiting inside host calls. When `cancel` completes
+    /// first, the run stops and ends as [`RunStatus::Cancelled`].
+    pub async fn run(
+        &self,
+        plugin: &CompiledPlugin,
+        request: RunRequest,
+        grants: &Grants,
+        cancel: impl Future<Output = ()>,
+    ) -> RunOutcome {
         let started = Instant::now();
         let decisions = Decisions::default();
         let policy = &grants.policy;
@@ -375,7 +400,20 @@ impl Engine {
         let deadline = policy.timeouts.task;
         let input = request.input.clone().unwrap_or_else(|| "null".to_string());
         let call = call_plugin(&mut store, plugin, input);
-        let result = tokio::time::timeout(deadline, call).await;
+        // Dropping the call stops the task: wasm at its next epoch tick, a
+        // host call at once, and a shell call with its process group.
+        let result = tokio::select! {
+            result = tokio::time::timeout(deadline, call) => Some(result),
+            () = cancel => None,
+        };
+        let Some(result) = result else {
+            return finish(
+                RunStatus::Cancelled,
+                None,
+                None,
+                Some("cancelled through the API".into()),
+            );
+        };
 
         let limiter = &store.data().limiter;
         match result {
@@ -432,7 +470,7 @@ impl Drop for Engine {
     }
 }
 
-/// How a call returned, when it did not trap.
+/// Result of a call that did not trap.
 enum Ended {
     Returned(Result<String, String>),
     Exited(i32),
@@ -504,8 +542,8 @@ fn build_wasi(
     Ok(builder.build())
 }
 
-/// Rejects bytes that are not a component before wasmtime sees them, so the
-/// common mistakes get a message that says what to do.
+/// Rejects bytes that are not a component before wasmtime parses them, so the
+/// common mistakes get a message with the fix.
 fn check_header(bytes: &[u8]) -> Result<(), CompileError> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(CompileError::NotWasm);

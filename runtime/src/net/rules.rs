@@ -1,5 +1,5 @@
-//! Which hosts outgoing HTTP requests may reach, decided before any
-//! connection is made.
+//! Host rules for outgoing HTTP requests, checked before any connection is
+//! made.
 //!
 //! An entry of `network.http_allow_domains` is a host name
 //! (`api.github.com`), a wildcard for subdomains only

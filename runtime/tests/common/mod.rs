@@ -249,6 +249,14 @@ impl TestServer {
         }
     }
 
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
@@ -259,10 +267,29 @@ impl TestServer {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
-    /// Returns the audit events, parsed.
+    /// Returns the audit events, oldest first, each with its `fields`
+    /// merged into the top level, read through `GET /v1/audit`.
     pub fn audit(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(self.data().join("audit.log")).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        let response = self.send(&Request::new("GET", "/v1/audit?limit=1000", "").signed());
+        assert_eq!(
+            response.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&response.body)
+        );
+        let mut events: Vec<Value> = response.json()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|event| {
+                let mut flat = event["fields"].clone();
+                flat["kind"] = event["kind"].clone();
+                flat["time"] = event["time"].clone();
+                flat
+            })
+            .collect();
+        events.reverse();
+        events
     }
 
     /// Sends `request` as raw HTTP/1.1 and reads the whole response.

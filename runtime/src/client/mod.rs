@@ -1,5 +1,7 @@
 //! A client that signs its requests, used by the `apex` subcommands.
 
+pub mod tables;
+
 use anyhow::Context;
 use reqwest::Method;
 use serde_json::Value;

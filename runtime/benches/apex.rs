@@ -1,0 +1,557 @@
+//! Apex benchmarks: `cargo bench -p apex-runtime --bench apex`.
+//!
+//! Measures, in one run on one machine, so the ratios compare like with like:
+//! - instantiate + run of `hello` in process, through Apex and through a bare
+//!   wasmtime embedding of the same component;
+//! - signed runs over loopback HTTP at 1 and 32 connections, each request
+//!   signed afresh by the load generator;
+//! - spawning `python3 -c 'print(1)'` per task, the design Apex replaces;
+//! - time to ready with 100 stored plugins, from cached compiled code and cold;
+//! - 1,000 concurrent runs waiting on a slow local HTTP server, with the
+//!   server's peak memory.
+//!
+//! Prints a table and writes it to `docs/benchmarks.md`. Needs the example
+//! plugins: run `scripts/build-plugins.sh` first.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use apex::engine::{Engine, EngineSettings, RunRequest, RunStatus};
+use apex::grants::Grants;
+use apex::policy::{Policy, ProtectedPaths};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEY: &str = "bench-key-0123456789abcdef0123456789abcdef";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn plugin(name: &str) -> Vec<u8> {
+    let path = repo_root().join("target/plugins").join(format!("{name}.wasm"));
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-plugins.sh first", path.display()))
+}
+
+/// Latency figures of a sample, in microseconds.
+struct Stats {
+    median: f64,
+    p99: f64,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e6;
+    Stats {
+        median: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+/// One line of the results table.
+struct Row {
+    what: String,
+    figure: String,
+    target: String,
+}
+
+fn row(what: impl Into<String>, figure: impl Into<String>, target: impl Into<String>) -> Row {
+    Row {
+        what: what.into(),
+        figure: figure.into(),
+        target: target.into(),
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not supported.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut rows = Vec::new();
+
+    let (apex_run, bare_run) = runtime.block_on(in_process());
+    rows.push(row(
+        "in process: instantiate + run `hello`, Apex",
+        format!("median {:.1} µs, p99 {:.1} µs", apex_run.median, apex_run.p99),
+        "median ≤ 25 µs",
+    ));
+    rows.push(row(
+        "in process: same component, bare wasmtime",
+        format!(
+            "median {:.1} µs, p99 {:.1} µs (Apex/bare: {:.2}×)",
+            bare_run.median,
+            bare_run.p99,
+            apex_run.median / bare_run.median
+        ),
+        "baseline",
+    ));
+
+    let python = python_baseline();
+    rows.push(row(
+        "spawn `python3 -c 'print(1)'` per task",
+        format!("median {:.0} µs", python.median),
+        "baseline",
+    ));
+
+    let server = BenchServer::start("limits: {max_concurrent_runs: 64, max_queued_runs: 4096}\n");
+    server.upload("hello", &plugin("hello"));
+    let one = runtime.block_on(http_load(&server.addr, 1, Duration::from_secs(5)));
+    rows.push(row(
+        "signed HTTP runs, 1 connection",
+        format!(
+            "{:.0} runs/s, p50 {:.0} µs, p99 {:.0} µs",
+            one.rate, one.latency.median, one.latency.p99
+        ),
+        "p50 ≤ 200 µs",
+    ));
+    let many = runtime.block_on(http_load(&server.addr, 32, Duration::from_secs(5)));
+    rows.push(row(
+        "signed HTTP runs, 32 connections",
+        format!(
+            "{:.0} runs/s, p50 {:.0} µs, p99 {:.0} µs ({:.0}× faster per task than python3)",
+            many.rate,
+            many.latency.median,
+            many.latency.p99,
+            python.median / (1e6 / many.rate)
+        ),
+        "≥ 10,000 runs/s, p99 ≤ 10 ms",
+    ));
+    drop(server);
+
+    let (cached, cold) = startup();
+    rows.push(row(
+        "ready with 100 stored plugins, cached compiled code",
+        format!("{:.0} ms", cached * 1e3),
+        "≤ 1 s",
+    ));
+    rows.push(row(
+        "ready with 100 stored plugins, compiling all (cold)",
+        format!("{:.0} ms", cold * 1e3),
+        "baseline",
+    ));
+
+    let (seconds, peak_mib) = runtime.block_on(waiting_runs(1000));
+    rows.push(row(
+        "1,000 concurrent runs waiting on a slow HTTP server",
+        format!("all finished in {seconds:.1} s, peak server RSS {peak_mib:.0} MiB"),
+        "peak RSS ≤ 512 MiB",
+    ));
+
+    report(&rows);
+}
+
+/// Runs `hello` in process through Apex and through a bare embedding.
+async fn in_process() -> (Stats, Stats) {
+    const RUNS: usize = 3000;
+    let wasm = plugin("hello");
+    let input = r#"{"name":"Ada"}"#.to_string();
+
+    let dir = tempfile::tempdir().unwrap();
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, "").unwrap();
+    let policy = Policy::load(&policy_file, &ProtectedPaths::default()).unwrap();
+    let settings = EngineSettings {
+        memory_bytes: policy.limits.memory_bytes,
+        max_concurrent_runs: 64,
+    };
+    let grants = Grants::new(policy).unwrap();
+    let engine = Engine::new(settings).unwrap();
+    let compiled = engine.compile(&wasm).unwrap();
+
+    let mut apex_samples = Vec::with_capacity(RUNS);
+    for index in 0..RUNS + 100 {
+        let request = RunRequest {
+            plugin: "hello".into(),
+            input: Some(input.clone()),
+            args: Vec::new(),
+        };
+        let started = Instant::now();
+        let outcome = engine.run(&compiled, request, &grants, std::future::pending()).await;
+        let elapsed = started.elapsed();
+        assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+        if index >= 100 {
+            apex_samples.push(elapsed);
+        }
+    }
+
+    let bare = bare::Bare::new(&wasm);
+    let mut bare_samples = Vec::with_capacity(RUNS);
+    for index in 0..RUNS + 100 {
+        let started = Instant::now();
+        let output = bare.run(&input).await;
+        let elapsed = started.elapsed();
+        assert!(output.contains("Ada"));
+        if index >= 100 {
+            bare_samples.push(elapsed);
+        }
+    }
+    (stats(apex_samples), stats(bare_samples))
+}
+
+/// The smallest embedding that runs the component: default configuration,
+/// WASI linked, instantiate and call.
+mod bare {
+    use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
+    use wasmtime::{Config, Engine, Store};
+    use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+    pub struct State {
+        ctx: WasiCtx,
+        table: ResourceTable,
+    }
+
+    impl WasiView for State {
+        fn ctx(&mut self) -> WasiCtxView<'_> {
+            WasiCtxView {
+                ctx: &mut self.ctx,
+                table: &mut self.table,
+            }
+        }
+    }
+
+    pub struct Bare {
+        engine: Engine,
+        pre: InstancePre<State>,
+    }
+
+    impl Bare {
+        pub fn new(wasm: &[u8]) -> Bare {
+            let engine = Engine::new(&Config::new()).unwrap();
+            let mut linker = Linker::new(&engine);
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+            // The component also imports HTTP and the shell; define them as
+            // traps so it links, since `hello` calls neither.
+            let component = Component::new(&engine, wasm).unwrap();
+            linker.define_unknown_imports_as_traps(&component).unwrap();
+            let pre = linker.instantiate_pre(&component).unwrap();
+            Bare { engine, pre }
+        }
+
+        pub async fn run(&self, input: &str) -> String {
+            let state = State {
+                ctx: WasiCtx::builder().build(),
+                table: ResourceTable::new(),
+            };
+            let mut store = Store::new(&self.engine, state);
+            let instance = self.pre.instantiate_async(&mut store).await.unwrap();
+            let func = instance
+                .get_typed_func::<(String,), (Result<String, String>,)>(&mut store, "run")
+                .unwrap();
+            let (result,) = func.call_async(&mut store, (input.to_string(),)).await.unwrap();
+            result.unwrap()
+        }
+    }
+}
+
+fn python_baseline() -> Stats {
+    let mut samples = Vec::new();
+    for _ in 0..60 {
+        let started = Instant::now();
+        let status = Command::new("python3")
+            .args(["-c", "print(1)"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        samples.push(started.elapsed());
+        assert!(status.success());
+    }
+    stats(samples)
+}
+
+/// `apex serve` as a child process on a free port.
+struct BenchServer {
+    dir: tempfile::TempDir,
+    addr: String,
+    child: Child,
+}
+
+impl BenchServer {
+    fn start(policy: &str) -> BenchServer {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+        let (child, addr) = spawn_server(dir.path());
+        BenchServer { dir, addr, child }
+    }
+
+    fn upload(&self, name: &str, wasm: &[u8]) {
+        let status = blocking_request(&self.addr, "PUT", &format!("/v1/plugins/{name}"), wasm);
+        assert_eq!(status, 201, "upload {name}");
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `apex serve` in `dir`, returning the child and its address once it listens.
+fn spawn_server(dir: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args([
+            "serve",
+            "--config",
+            "policy.yaml",
+            "--data",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir)
+        .env("APEX_SHARED_KEY", KEY)
+        .env("APEX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("apex listening on http://")
+        .expect("server started")
+        .to_string();
+    (child, addr)
+}
+
+fn signed_request(addr: &str, method: &str, target: &str, body: &[u8]) -> Vec<u8> {
+    let headers = apex::client::sign_request(KEY.as_bytes(), method, target, body);
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nX-TS: {}\r\nX-Nonce: {}\r\nX-SIG: {}\r\nContent-Length: {}\r\n\r\n",
+        headers.ts,
+        headers.nonce,
+        headers.signature,
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+fn blocking_request(addr: &str, method: &str, target: &str, body: &[u8]) -> u16 {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(&signed_request(addr, method, target, body))
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    status.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+struct Load {
+    rate: f64,
+    latency: Stats,
+}
+
+/// Sends signed runs of `hello` on `connections` keep-alive connections for
+/// `duration`, each request signed with a fresh nonce.
+async fn http_load(addr: &str, connections: usize, duration: Duration) -> Load {
+    let body = br#"{"input":{"name":"Ada"}}"#;
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let mut samples = Vec::new();
+            let mut buffer = Vec::with_capacity(4096);
+            while Instant::now() < deadline {
+                let request = signed_request(&addr, "POST", "/v1/plugins/hello/run", body);
+                let started = Instant::now();
+                stream.write_all(&request).await.unwrap();
+                let status = read_response(&mut stream, &mut buffer).await;
+                samples.push(started.elapsed());
+                assert_eq!(status, 200);
+            }
+            samples
+        }));
+    }
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Load {
+        rate: samples.len() as f64 / elapsed,
+        latency: stats(samples),
+    }
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; returns its status.
+async fn read_response(stream: &mut tokio::net::TcpStream, buffer: &mut Vec<u8>) -> u16 {
+    buffer.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buffer[..end]).unwrap().to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            while buffer.len() < end + 4 + length {
+                let read = stream.read(&mut chunk).await.unwrap();
+                assert!(read > 0, "connection closed mid-response");
+                buffer.extend_from_slice(&chunk[..read]);
+            }
+            return head[9..12].parse().unwrap();
+        }
+        let read = stream.read(&mut chunk).await.unwrap();
+        assert!(read > 0, "connection closed before a response");
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// Returns the seconds from spawning the server to its listening line, with
+/// 100 stored plugins: first with their cached compiled code, then cold.
+fn startup() -> (f64, f64) {
+    let server = BenchServer::start("");
+    let hello = plugin("hello");
+    for index in 0..100 {
+        server.upload(&format!("p{index:03}"), &hello);
+    }
+    let mut server = server;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+
+    let time_start = |dir: &Path| {
+        let started = Instant::now();
+        let (mut child, _) = spawn_server(dir);
+        let elapsed = started.elapsed().as_secs_f64();
+        let _ = child.kill();
+        let _ = child.wait();
+        elapsed
+    };
+    let cached = time_start(server.dir.path());
+
+    for entry in std::fs::read_dir(server.dir.path().join("data/plugins/blobs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "cwasm") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let cold = time_start(server.dir.path());
+    (cached, cold)
+}
+
+/// Runs `count` fetches at once against a local server that answers after
+/// one second; returns the wall time and the Apex server's peak RSS in MiB.
+async fn waiting_runs(count: usize) -> (f64, f64) {
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = slow.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 2048];
+                let _ = stream.read(&mut buffer).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+
+    let policy = format!(
+        "network:\n  http_allow_domains: [\"slow.test:{slow_port}\"]\n  resolve: {{slow.test: 127.0.0.1}}\n  \
+         allow_private_addresses: true\nlimits: {{max_concurrent_runs: {count}, max_queued_runs: {count}}}\n\
+         timeouts: {{task_seconds: 120}}\n"
+    );
+    let server = BenchServer::start(&policy);
+    server.upload("fetch", &plugin("fetch"));
+    let pid = server.child.id();
+
+    let body = format!(r#"{{"input":{{"url":"http://slow.test:{slow_port}/"}}}}"#);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..count {
+        let addr = server.addr.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let request = signed_request(&addr, "POST", "/v1/plugins/fetch/run", body.as_bytes());
+            stream.write_all(&request).await.unwrap();
+            let mut buffer = Vec::new();
+            let status = read_response(&mut stream, &mut buffer).await;
+            let succeeded = String::from_utf8_lossy(&buffer).contains(r#""status":"succeeded""#);
+            (status, succeeded)
+        }));
+    }
+    let mut failures = 0;
+    for task in tasks {
+        let (status, succeeded) = task.await.unwrap();
+        if status != 200 || !succeeded {
+            failures += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(failures, 0, "every waiting run finishes");
+
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (seconds, peak_kib / 1024.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{cores} cores, {cpu}, Linux {kernel}")
+}
+
+fn report(rows: &[Row]) {
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut table = String::from("| measurement | result | target |\n|---|---|---|\n");
+    for row in rows {
+        table.push_str(&format!("| {} | {} | {} |\n", row.what, row.figure, row.target));
+    }
+    println!("\n{table}");
+
+    let doc = format!(
+        "# Benchmarks\n\nProduced by `cargo bench -p apex-runtime --bench apex` (after `scripts/build-plugins.sh`) on {date}.\n\
+         Machine: {}.\n\nEvery figure comes from the same run, so the ratios compare like with like. The load generator runs \
+         on the same machine as the server and signs every request with a fresh nonce.\n\n{table}",
+        machine()
+    );
+    let path = repo_root().join("docs/benchmarks.md");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let notes_marker = "\n## Notes\n";
+    let notes = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find(notes_marker).map(|at| old[at..].to_string()))
+        .unwrap_or_default();
+    std::fs::write(&path, format!("{doc}{notes}")).unwrap();
+    println!("written to {}", path.display());
+}

@@ -1,0 +1,451 @@
+//! Runs: starting them (waiting or in the background), reading their
+//! history, cancelling them, and reading the audit log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use super::slots::{RETRY_AFTER_SECONDS, Ticket};
+use super::{ApiError, AppState, check_name};
+use crate::engine::{PluginKind, RunOutcome, RunRequest, RunStatus};
+use crate::history::{AuditQuery, RunQuery, RunRecord, new_run_id, now_ms};
+use crate::registry::LoadedPlugin;
+
+/// Maximum length of a run's input kept in the history, in bytes.
+const MAX_RECORDED_INPUT: usize = 64 * 1024;
+
+/// Default and maximum page size of the list routes.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 1000;
+
+/// Cancellation senders of the runs queued or running now, by run id.
+#[derive(Default)]
+pub struct InFlight(std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>);
+
+impl InFlight {
+    fn insert(&self, id: &str) -> oneshot::Receiver<()> {
+        let (sender, receiver) = oneshot::channel();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), sender);
+        receiver
+    }
+
+    fn take(&self, id: &str) -> Option<oneshot::Sender<()>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id)
+    }
+}
+
+/// Body of `POST /v1/plugins/{name}/run`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    /// Any JSON; passed to the task as JSON text.
+    #[serde(default)]
+    input: Option<Value>,
+    /// Arguments of a command plugin.
+    #[serde(default)]
+    args: Vec<String>,
+    /// Whether to answer only when the run has finished (the default).
+    #[serde(default = "default_wait")]
+    wait: bool,
+}
+
+fn default_wait() -> bool {
+    true
+}
+
+pub(super) async fn run_plugin(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let limit = state.grants.policy.limits.input_bytes;
+    if body.len() > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "input_too_large",
+            format!(
+                "run request is {} bytes, more than the {} KiB allowed (limits.input_kib)",
+                body.len(),
+                limit >> 10
+            ),
+        ));
+    }
+    let request: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RunBody {
+            wait: true,
+            ..RunBody::default()
+        }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!(
+                    "invalid run request: {e}; expected {{\"input\": <any JSON>, \"args\": [strings], \"wait\": true|false}}"
+                ),
+            )
+        })?
+    };
+
+    let plugin = state
+        .registry
+        .get(&name)
+        .ok_or_else(|| ApiError::plugin_not_found(&name))?;
+    if plugin.record.kind == PluginKind::Task && !request.args.is_empty() {
+        return Err(ApiError::bad_request(
+            "args_not_supported",
+            format!(
+                "plugin {name:?} is a task, and `args` apply to command plugins only; pass data in `input`"
+            ),
+        ));
+    }
+
+    // A full queue is answered now, also for a background run.
+    let Some(ticket) = state.run_slots.enter() else {
+        tracing::warn!(plugin = %name, "run queue full; rejecting the run");
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            "every run slot is busy and the queue is full (limits.max_concurrent_runs, limits.max_queued_runs); retry later",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
+        return Ok(response);
+    };
+
+    let input = request.input.as_ref().map(Value::to_string);
+    let record = RunRecord {
+        id: new_run_id(),
+        plugin: name.clone(),
+        sha256: plugin.record.sha256.clone(),
+        key_id: "default".into(),
+        queued_at_ms: now_ms(),
+        started_at_ms: None,
+        finished_at_ms: None,
+        status: "queued".into(),
+        exit_code: None,
+        duration_ms: None,
+        input: input
+            .as_deref()
+            .map(|text| crate::truncate_text(text, MAX_RECORDED_INPUT)),
+        output: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        error: None,
+        decisions: Value::Array(Vec::new()),
+    };
+    state.history.queue(record.clone());
+    let cancel = state.in_flight.insert(&record.id);
+    let run = RunRequest {
+        plugin: name,
+        input,
+        args: request.args,
+    };
+
+    // The run is its own task, so a client that disconnects does not stop it.
+    let id = record.id.clone();
+    let span = tracing::info_span!("run", run_id = %id, plugin = %record.plugin);
+    let task = tokio::spawn(execute(state.clone(), plugin, record, run, ticket, cancel).instrument(span));
+    if !request.wait {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run_id": id, "status": "queued" })),
+        )
+            .into_response());
+    }
+    let (record, warning) = task
+        .await
+        .map_err(|e| ApiError::internal("the run task failed", e))?;
+    let mut body = run_json(&record);
+    if let Some(warning) = warning {
+        body["warning"] = json!(warning);
+    }
+    Ok(Json(body).into_response())
+}
+
+/// Waits for a slot, runs the plugin, and records the result. Returns the
+/// finished record and, when output was cut, a warning for the caller.
+async fn execute(
+    state: Arc<AppState>,
+    plugin: Arc<LoadedPlugin>,
+    mut record: RunRecord,
+    run: RunRequest,
+    ticket: Ticket,
+    mut cancel: oneshot::Receiver<()>,
+) -> (RunRecord, Option<String>) {
+    let slot = tokio::select! {
+        slot = ticket.slot() => Some(slot),
+        _ = &mut cancel => None,
+    };
+    let outcome = match slot {
+        None => RunOutcome::cancelled_before_start(),
+        Some(slot) => {
+            record.started_at_ms = Some(now_ms());
+            record.status = "running".into();
+            state.history.start(&record.id);
+            let cancelled = async move {
+                // A dropped sender (the run finished) is not a cancellation.
+                if cancel.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let outcome = state
+                .engine
+                .run(&plugin.compiled, run, &state.grants, cancelled)
+                .await;
+            drop(slot);
+            outcome
+        }
+    };
+    state.in_flight.take(&record.id);
+
+    for denial in outcome.decisions.iter().filter(|d| !d.allowed) {
+        state.audit.record(
+            "policy_denial",
+            json!({
+                "run_id": record.id,
+                "plugin": record.plugin,
+                "capability": denial.capability,
+                "target": denial.target,
+                "reason": denial.reason,
+            }),
+        );
+    }
+
+    let warning = (outcome.stdout.truncated || outcome.stderr.truncated).then(|| {
+        format!(
+            "output truncated: stdout {} bytes, stderr {} bytes written, {} KiB kept per stream (limits.output_kib)",
+            outcome.stdout.total,
+            outcome.stderr.total,
+            state.grants.policy.limits.output_bytes >> 10
+        )
+    });
+    fill_record(&mut record, &outcome);
+    tracing::info!(
+        run_id = %record.id,
+        plugin = %record.plugin,
+        status = %record.status,
+        duration_ms = record.duration_ms.unwrap_or(0),
+        "run finished"
+    );
+    state.history.finish(record.clone()).await;
+    (record, warning)
+}
+
+fn fill_record(record: &mut RunRecord, outcome: &RunOutcome) {
+    record.status = status_name(outcome.status).into();
+    record.finished_at_ms = Some(now_ms());
+    record.duration_ms = Some(outcome.duration.as_millis() as i64);
+    record.exit_code = outcome.exit_code;
+    record.output = outcome.output.clone();
+    record.stdout = String::from_utf8_lossy(&outcome.stdout.bytes).into_owned();
+    record.stderr = String::from_utf8_lossy(&outcome.stderr.bytes).into_owned();
+    record.stdout_truncated = outcome.stdout.truncated;
+    record.stderr_truncated = outcome.stderr.truncated;
+    record.error = outcome.error.clone();
+    record.decisions = serde_json::to_value(&outcome.decisions).unwrap_or(Value::Array(Vec::new()));
+}
+
+fn status_name(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "failed",
+        RunStatus::TimedOut => "timed_out",
+        RunStatus::Cancelled => "cancelled",
+    }
+}
+
+/// Builds the JSON form of a run record.
+fn run_json(record: &RunRecord) -> Value {
+    // Output that parses as JSON is returned as JSON, anything else as a string.
+    let output = record
+        .output
+        .as_deref()
+        .map(|text| serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_owned())));
+    let input = record
+        .input
+        .as_deref()
+        .map(|text| serde_json::from_str::<Value>(text).unwrap_or(Value::String(text.into())));
+
+    let mut body = json!({
+        "run_id": record.id,
+        "plugin": record.plugin,
+        "sha256": record.sha256,
+        "key_id": record.key_id,
+        "status": record.status,
+        "queued_at_ms": record.queued_at_ms,
+        "started_at_ms": record.started_at_ms,
+        "finished_at_ms": record.finished_at_ms,
+        "duration_ms": record.duration_ms,
+        "input": input,
+        "output": output,
+        "stdout": record.stdout,
+        "stderr": record.stderr,
+        "stdout_truncated": record.stdout_truncated,
+        "stderr_truncated": record.stderr_truncated,
+        "decisions": record.decisions,
+    });
+    if let Some(code) = record.exit_code {
+        body["exit_code"] = json!(code);
+    }
+    if let Some(error) = &record.error {
+        body["error"] = json!(error);
+    }
+    body
+}
+
+fn history_error(error: rusqlite::Error) -> ApiError {
+    ApiError::internal("cannot read the run history", error)
+}
+
+fn page_size(params: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        None => Ok(DEFAULT_PAGE),
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit) if (1..=MAX_PAGE).contains(&limit) => Ok(limit),
+            _ => Err(ApiError::bad_request(
+                "invalid_query",
+                format!("limit {text:?} must be 1 to {MAX_PAGE}"),
+            )),
+        },
+    }
+}
+
+fn check_query_keys(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match params.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("unknown query parameter {unknown:?}; use {}", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub(super) async fn get_run(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.history.flush().await;
+    let record = state
+        .history
+        .run(&id)
+        .await
+        .map_err(history_error)?
+        .ok_or_else(|| run_not_found(&id))?;
+    Ok(Json(run_json(&record)))
+}
+
+fn run_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "run_not_found",
+        format!("run {id:?} not found; list runs with GET /v1/runs"),
+    )
+}
+
+pub(super) async fn list_runs(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_query_keys(&params, &["plugin", "status", "limit", "before"])?;
+    let limit = page_size(&params)?;
+    let query = RunQuery {
+        plugin: params.get("plugin").cloned(),
+        status: params.get("status").cloned(),
+        before: params.get("before").cloned(),
+        limit,
+    };
+
+    state.history.flush().await;
+    let runs = state.history.runs(query).await.map_err(history_error)?;
+    // The last id of a full page is the cursor of the next one.
+    let next = (runs.len() == limit)
+        .then(|| runs.last().map(|r| r.id.clone()))
+        .flatten();
+    let runs: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "run_id": r.id,
+                "plugin": r.plugin,
+                "status": r.status,
+                "queued_at_ms": r.queued_at_ms,
+                "duration_ms": r.duration_ms,
+                "exit_code": r.exit_code,
+                "error": r.error.as_deref().map(|e| crate::truncate_text(e, 200)),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "runs": runs, "next_before": next })))
+}
+
+pub(super) async fn cancel_run(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if let Some(cancel) = state.in_flight.take(&id) {
+        let _ = cancel.send(());
+        tracing::info!(run_id = %id, "run cancelled through the API");
+        state.audit.record("run_cancel", json!({ "run_id": id }));
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run_id": id, "status": "cancelling" })),
+        )
+            .into_response());
+    }
+
+    state.history.flush().await;
+    match state.history.run(&id).await.map_err(history_error)? {
+        Some(record) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "run_finished",
+            format!("run {id:?} already ended with status {}", record.status),
+        )),
+        None => Err(run_not_found(&id)),
+    }
+}
+
+pub(super) async fn list_audit(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_query_keys(&params, &["since", "kind", "limit"])?;
+    let limit = page_size(&params)?;
+    let since = match params.get("since") {
+        None => None,
+        Some(text) => Some(text.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("since {text:?} must be Unix time in seconds"),
+            )
+        })?),
+    };
+
+    state.history.flush().await;
+    let events = state
+        .history
+        .audit_events(AuditQuery {
+            since,
+            kind: params.get("kind").cloned(),
+            limit,
+        })
+        .await
+        .map_err(history_error)?;
+    Ok(Json(json!({ "events": events })))
+}

@@ -1,0 +1,384 @@
+//! Run history and the audit log, in an embedded SQLite database
+//! (`DATA/history.db`, WAL mode, `synchronous=NORMAL`).
+//!
+//! One thread writes ([`writer`]); reads use their own connection, so a
+//! query never waits behind a batch of writes. A run that was queued or
+//! running when the server stopped is marked `interrupted` at the next start.
+
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use self::writer::{Change, Job};
+
+/// File name of the database inside the data directory.
+pub const DATABASE_FILE: &str = "history.db";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    plugin TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    queued_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER,
+    status TEXT NOT NULL,
+    exit_code INTEGER,
+    duration_ms INTEGER,
+    input TEXT,
+    output TEXT,
+    stdout TEXT NOT NULL DEFAULT '',
+    stderr TEXT NOT NULL DEFAULT '',
+    stdout_truncated INTEGER NOT NULL DEFAULT 0,
+    stderr_truncated INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    decisions TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS runs_by_plugin ON runs (plugin, id);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, id);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    fields TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
+";
+
+/// One run as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RunRecord {
+    /// Run id: sortable by queue time.
+    pub id: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Digest of the component that ran.
+    pub sha256: String,
+    /// Key that signed the request.
+    pub key_id: String,
+    /// Queue time, Unix milliseconds.
+    pub queued_at_ms: i64,
+    /// Start time, Unix milliseconds.
+    pub started_at_ms: Option<i64>,
+    /// End time, Unix milliseconds.
+    pub finished_at_ms: Option<i64>,
+    /// `queued`, `running`, `succeeded`, `failed`, `timed_out`, `cancelled` or `interrupted`.
+    pub status: String,
+    /// Exit code of a command plugin.
+    pub exit_code: Option<i32>,
+    /// Wall time of the run.
+    pub duration_ms: Option<i64>,
+    /// Input as JSON text, capped.
+    pub input: Option<String>,
+    /// Output text.
+    pub output: Option<String>,
+    /// Captured stdout, capped.
+    pub stdout: String,
+    /// Captured stderr, capped.
+    pub stderr: String,
+    /// Whether stdout was cut.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut.
+    pub stderr_truncated: bool,
+    /// Reason the run did not succeed.
+    pub error: Option<String>,
+    /// Capability decisions, as a JSON array.
+    pub decisions: Value,
+}
+
+/// One audit event.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditEvent {
+    /// Sequence number; 0 for an event not yet stored.
+    pub id: i64,
+    /// Unix seconds.
+    pub time: i64,
+    /// Event kind, such as `auth_failure` or `policy_denial`.
+    pub kind: String,
+    /// Details, a JSON object.
+    pub fields: Value,
+}
+
+/// Filter and page of `GET /v1/runs`.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    /// Only runs of this plugin.
+    pub plugin: Option<String>,
+    /// Only runs with this status.
+    pub status: Option<String>,
+    /// Only runs older than this run id (the previous page's last id).
+    pub before: Option<String>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// Filter of `GET /v1/audit`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only events at or after this Unix time.
+    pub since: Option<i64>,
+    /// Only events of this kind.
+    pub kind: Option<String>,
+    /// Most events returned, newest first.
+    pub limit: usize,
+}
+
+/// Errors opening the database.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// SQLite failed.
+    #[error("history database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The writer thread could not start.
+    #[error("cannot start the history writer: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// The history database.
+pub struct History {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl History {
+    /// Opens (or creates) the database in `data_dir`, marks runs that were
+    /// in flight as `interrupted`, and starts the writer.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the file cannot be opened or the schema created.
+    pub fn open(data_dir: &Path) -> Result<History, HistoryError> {
+        let path = data_dir.join(DATABASE_FILE);
+        let writer = Connection::open(&path)?;
+        restrict_to_owner(&path);
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "NORMAL")?;
+        writer.busy_timeout(std::time::Duration::from_secs(5))?;
+        writer.execute_batch(SCHEMA)?;
+
+        let interrupted = writer.execute(
+            "UPDATE runs SET status = 'interrupted', finished_at = ?1,
+                 error = 'the server stopped while the run was queued or running'
+             WHERE status IN ('queued', 'running')",
+            params![now_ms()],
+        )?;
+        if interrupted > 0 {
+            tracing::warn!(
+                runs = interrupted,
+                "marked runs in flight at the last stop as interrupted"
+            );
+        }
+
+        let reader = Connection::open(&path)?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+
+        let (sender, receiver) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("apex-history".into())
+            .spawn(move || writer::run(writer, receiver))?;
+        Ok(History {
+            jobs: Mutex::new(sender),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    fn send(&self, change: Change, done: Option<tokio::sync::oneshot::Sender<()>>) {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if jobs.send(Job { change, done }).is_err() {
+            tracing::error!("the history writer has stopped; a change is lost");
+        }
+    }
+
+    /// Records a queued run.
+    pub fn queue(&self, run: RunRecord) {
+        self.send(Change::Queue(Box::new(run)), None);
+    }
+
+    /// Records that a run started.
+    pub fn start(&self, id: &str) {
+        self.send(
+            Change::Start {
+                id: id.to_owned(),
+                at_ms: now_ms(),
+            },
+            None,
+        );
+    }
+
+    /// Records a finished run and waits until it is committed, so a crash
+    /// after this returns cannot lose it.
+    pub async fn finish(&self, run: RunRecord) {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.send(Change::Finish(Box::new(run)), Some(done));
+        let _ = committed.await;
+    }
+
+    /// Records an audit event.
+    pub fn audit(&self, kind: &str, fields: Value) {
+        let event = AuditEvent {
+            id: 0,
+            time: crate::unix_now() as i64,
+            kind: kind.to_owned(),
+            fields,
+        };
+        self.send(Change::Audit(event), None);
+    }
+
+    /// Waits until every change sent so far is committed.
+    pub async fn flush(&self) {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.send(Change::Barrier, Some(done));
+        let _ = committed.await;
+    }
+
+    /// Removes runs finished more than `runs_days` ago and audit events older
+    /// than `audit_days`.
+    pub fn prune(&self, runs_days: u64, audit_days: u64) {
+        let day_ms = 24 * 60 * 60 * 1000;
+        self.send(
+            Change::Prune {
+                runs_before_ms: now_ms() - (runs_days as i64) * day_ms,
+                audit_before: crate::unix_now() as i64 - (audit_days as i64) * 24 * 60 * 60,
+            },
+            None,
+        );
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> rusqlite::Result<T> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let connection = reader.lock().unwrap_or_else(|e| e.into_inner());
+            query(&connection)
+        })
+        .await
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?
+    }
+
+    /// Returns the run with `id`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the query fails.
+    pub async fn run(&self, id: &str) -> rusqlite::Result<Option<RunRecord>> {
+        let id = id.to_owned();
+        self.read(move |db| {
+            db.query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                params![id],
+                run_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// Returns a page of runs, newest first.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the query fails.
+    pub async fn runs(&self, query: RunQuery) -> rusqlite::Result<Vec<RunRecord>> {
+        self.read(move |db| {
+            let mut statement = db.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs
+                 WHERE (?1 IS NULL OR plugin = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id < ?3)
+                 ORDER BY id DESC LIMIT ?4"
+            ))?;
+            let rows = statement.query_map(
+                params![query.plugin, query.status, query.before, query.limit as i64],
+                run_from_row,
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Returns audit events, newest first.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the query fails.
+    pub async fn audit_events(&self, query: AuditQuery) -> rusqlite::Result<Vec<AuditEvent>> {
+        self.read(move |db| {
+            let mut statement = db.prepare(
+                "SELECT id, time, kind, fields FROM audit
+                 WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR kind = ?2)
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = statement.query_map(params![query.since, query.kind, query.limit as i64], |row| {
+                let fields: String = row.get(3)?;
+                Ok(AuditEvent {
+                    id: row.get(0)?,
+                    time: row.get(1)?,
+                    kind: row.get(2)?,
+                    fields: serde_json::from_str(&fields).unwrap_or(Value::Null),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+const RUN_COLUMNS: &str =
+    "id, plugin, sha256, key_id, queued_at, started_at, finished_at, status, exit_code, duration_ms,
+    input, output, stdout, stderr, stdout_truncated, stderr_truncated, error, decisions";
+
+fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    let decisions: String = row.get(17)?;
+    Ok(RunRecord {
+        id: row.get(0)?,
+        plugin: row.get(1)?,
+        sha256: row.get(2)?,
+        key_id: row.get(3)?,
+        queued_at_ms: row.get(4)?,
+        started_at_ms: row.get(5)?,
+        finished_at_ms: row.get(6)?,
+        status: row.get(7)?,
+        exit_code: row.get(8)?,
+        duration_ms: row.get(9)?,
+        input: row.get(10)?,
+        output: row.get(11)?,
+        stdout: row.get(12)?,
+        stderr: row.get(13)?,
+        stdout_truncated: row.get(14)?,
+        stderr_truncated: row.get(15)?,
+        error: row.get(16)?,
+        decisions: serde_json::from_str(&decisions).unwrap_or(Value::Array(Vec::new())),
+    })
+}
+
+/// Returns the current Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Returns a new run id: the queue time in milliseconds, a sequence number
+/// and random bits, in hex, so ids sort by the order the runs were queued.
+pub fn new_run_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+    let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+    let mut random = [0u8; 3];
+    getrandom::fill(&mut random).expect("the operating system provides random bytes");
+    format!("{:012x}{sequence:06x}{}", now_ms(), hex::encode(random))
+}
+
+fn restrict_to_owner(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot restrict the history database to its owner");
+    }
+}

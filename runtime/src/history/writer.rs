@@ -1,0 +1,128 @@
+//! The single writer of the history database.
+//!
+//! All changes go through one thread that owns the write connection. It
+//! takes every change waiting in its queue and commits them in one
+//! transaction, so many concurrent runs cost one `fsync`-free WAL commit
+//! instead of one each. A change that must be durable before the caller goes
+//! on (a finished run) carries an acknowledgement that is sent after commit.
+
+use std::sync::mpsc;
+
+use rusqlite::{Connection, params};
+
+use super::{AuditEvent, RunRecord};
+
+/// Largest number of changes committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// One change to the database.
+pub enum Change {
+    /// A new run, queued.
+    Queue(Box<RunRecord>),
+    /// A queued run started, at Unix milliseconds.
+    Start { id: String, at_ms: i64 },
+    /// A run ended; the whole record is replaced.
+    Finish(Box<RunRecord>),
+    /// An audit event.
+    Audit(AuditEvent),
+    /// Removes runs finished and audit events recorded before these Unix
+    /// milliseconds and seconds.
+    Prune { runs_before_ms: i64, audit_before: i64 },
+    /// Changes nothing; its acknowledgement tells that earlier changes are committed.
+    Barrier,
+}
+
+/// A change and, optionally, whom to tell once it is committed.
+pub struct Job {
+    pub change: Change,
+    pub done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Runs the writer loop until every sender is dropped.
+pub fn run(mut connection: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+
+        if let Err(e) = commit(&mut connection, &batch) {
+            tracing::error!(error = %e, changes = batch.len(), "cannot write run history");
+        }
+        for job in batch {
+            if let Some(done) = job.done {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+fn commit(connection: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
+    let transaction = connection.transaction()?;
+    for job in batch {
+        apply(&transaction, &job.change)?;
+    }
+    transaction.commit()
+}
+
+fn apply(db: &Connection, change: &Change) -> rusqlite::Result<()> {
+    match change {
+        Change::Queue(run) | Change::Finish(run) => {
+            db.execute(
+                "INSERT OR REPLACE INTO runs (id, plugin, sha256, key_id, queued_at, started_at, finished_at, status,
+                     exit_code, duration_ms, input, output, stdout, stderr, stdout_truncated, stderr_truncated, error, decisions)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                params![
+                    run.id,
+                    run.plugin,
+                    run.sha256,
+                    run.key_id,
+                    run.queued_at_ms,
+                    run.started_at_ms,
+                    run.finished_at_ms,
+                    run.status,
+                    run.exit_code,
+                    run.duration_ms,
+                    run.input,
+                    run.output,
+                    run.stdout,
+                    run.stderr,
+                    run.stdout_truncated,
+                    run.stderr_truncated,
+                    run.error,
+                    run.decisions.to_string(),
+                ],
+            )?;
+        }
+        Change::Start { id, at_ms } => {
+            db.execute(
+                "UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'",
+                params![id, at_ms],
+            )?;
+        }
+        Change::Audit(event) => {
+            db.execute(
+                "INSERT INTO audit (time, kind, fields) VALUES (?1, ?2, ?3)",
+                params![event.time, event.kind, event.fields.to_string()],
+            )?;
+        }
+        Change::Prune {
+            runs_before_ms,
+            audit_before,
+        } => {
+            let runs = db.execute(
+                "DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?1",
+                params![runs_before_ms],
+            )?;
+            let events = db.execute("DELETE FROM audit WHERE time < ?1", params![audit_before])?;
+            if runs + events > 0 {
+                tracing::info!(runs, audit_events = events, "pruned history past its retention");
+            }
+        }
+        Change::Barrier => {}
+    }
+    Ok(())
+}
