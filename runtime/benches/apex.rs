@@ -158,7 +158,7 @@ async fn in_process() -> (Stats, Stats) {
         memory_bytes: policy.limits.memory_bytes,
         max_concurrent_runs: 64,
     };
-    let grants = Grants::new(policy).unwrap();
+    let grants = Grants::new(policy, dir.path().to_path_buf()).unwrap();
     let engine = Engine::new(settings).unwrap();
     let compiled = engine.compile(&wasm).unwrap();
 
@@ -170,7 +170,9 @@ async fn in_process() -> (Stats, Stats) {
             args: Vec::new(),
         };
         let started = Instant::now();
-        let outcome = engine.run(&compiled, request, &grants, std::future::pending()).await;
+        let outcome = engine
+            .run(&compiled, request, &grants, std::future::pending())
+            .await;
         let elapsed = started.elapsed();
         assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
         if index >= 100 {

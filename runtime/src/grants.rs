@@ -19,19 +19,21 @@ pub struct Grants {
 }
 
 impl Grants {
-    /// Builds the grants of `policy`.
+    /// Builds the grants of `policy`; shell children get `shell_home`, an
+    /// empty directory tasks cannot write, as their home.
     ///
     /// # Errors
     ///
     /// Fails when the `network` section cannot be turned into a sender, for
     /// example an unreadable `network.ca_file`.
-    pub fn new(policy: Policy) -> Result<Grants, EgressError> {
+    pub fn new(policy: Policy, shell_home: std::path::PathBuf) -> Result<Grants, EgressError> {
         let egress = Arc::new(crate::net::egress_for(&policy)?);
         let rules = ShellRules {
             entries: policy.shell.entries.clone(),
             search_path: policy.shell.search_path.clone(),
             env: policy.shell.env.clone(),
             paths_allow: policy.paths_allow.clone(),
+            home: shell_home,
         };
         let shell = Arc::new(Shell::new(
             rules,

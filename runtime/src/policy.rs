@@ -130,7 +130,14 @@ pub struct ShellPolicy {
 pub const DEFAULT_SHELL_PATH: [&str; 3] = ["/usr/local/bin", "/usr/bin", "/bin"];
 
 /// Environment variables the host sets itself for shell children.
-const RESERVED_SHELL_ENV: [&str; 3] = ["PATH", "HOME", "LANG"];
+const RESERVED_SHELL_ENV: [&str; 6] = [
+    "PATH",
+    "HOME",
+    "LANG",
+    "XDG_CONFIG_HOME",
+    "CURL_HOME",
+    "PYTHONNOUSERSITE",
+];
 
 /// The `network` section: where outgoing HTTP requests may go.
 #[derive(Debug, Clone, Default)]
@@ -369,7 +376,7 @@ impl Policy {
         let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
         checker.check_protected(&paths_allow, protected)?;
         let network = checker.network(base, &raw.network, &domains)?;
-        let shell = checker.shell(&shell_allow, shell_path, &raw.shell_env)?;
+        let shell = checker.shell(&shell_allow, shell_path, &raw.shell_env, &paths_allow)?;
 
         Ok(Policy {
             source: source.to_path_buf(),
@@ -440,7 +447,7 @@ impl Policy {
         out.push_str(&format!("  programs from: {}\n", search.join(":")));
         let names: Vec<&str> = self.shell.env.keys().map(String::as_str).collect();
         out.push_str(&format!(
-            "  child environment: PATH, HOME (the working directory), LANG{}{}\n",
+            "  child environment: PATH, HOME (an empty read-only directory), LANG{}{}\n",
             if names.is_empty() { "" } else { ", " },
             names.join(", ")
         ));
@@ -784,6 +791,7 @@ impl Checker<'_> {
         shell_allow: &[String],
         shell_path: Option<Vec<String>>,
         shell_env: &BTreeMap<String, String>,
+        paths_allow: &[AllowedPath],
     ) -> Result<ShellPolicy, PolicyError> {
         let mut entries = Vec::new();
         for (index, written) in shell_allow.iter().enumerate() {
@@ -803,6 +811,20 @@ impl Checker<'_> {
                     format!("{dir:?} must be an absolute directory"),
                 ));
             }
+            // A task could plant a program there that shadows an allowed one.
+            let resolved = path.canonicalize().unwrap_or_else(|_| path.clone());
+            if let Some(allowed) = paths_allow
+                .iter()
+                .find(|a| resolved.starts_with(&a.path) || a.path.starts_with(&resolved))
+            {
+                return Err(self.error(
+                    format!("shell_path[{index}]"),
+                    format!(
+                        "{dir:?} overlaps paths_allow entry {}, where tasks can write programs",
+                        allowed.path.display()
+                    ),
+                ));
+            }
             search_path.push(path);
         }
 
@@ -819,7 +841,7 @@ impl Checker<'_> {
             if RESERVED_SHELL_ENV.contains(&name.as_str()) || name.starts_with("GIT_") {
                 return Err(self.error(
                     format!("shell_env.{name}"),
-                    "the host sets this variable itself (PATH from shell_path, HOME to the working directory, LANG, and GIT_* for git)",
+                    "the host sets this variable itself (PATH from shell_path, HOME and its kin to an empty directory, LANG, and GIT_* for git)",
                 ));
             }
         }

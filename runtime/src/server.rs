@@ -78,6 +78,7 @@ pub fn load_policy(config: &std::path::Path, data: &std::path::Path) -> anyhow::
 /// Fails when the key, policy, data directory or listen address is unusable.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     check_key(&options.key)?;
+    hide_environment();
 
     // The policy is checked before anything is created, so a bad policy
     // leaves no data directory behind.
@@ -121,7 +122,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         "policy_load",
         json!({ "path": policy.source, "sha256": policy.sha256 }),
     );
-    let grants = Grants::new(policy).context("invalid network section in the policy")?;
+    let shell_home = data.join("empty-home");
+    create_private_dir(&shell_home).with_context(|| format!("cannot create {}", shell_home.display()))?;
+    restrict_to_reading(&shell_home)?;
+    let grants = Grants::new(policy, shell_home).context("invalid network section in the policy")?;
     audit.record(
         "server_start",
         json!({ "listen": local.to_string(), "plugins": registry.records().len() }),
@@ -228,6 +232,14 @@ async fn accept_connections(listener: tokio::net::TcpListener, router: axum::Rou
     }
 }
 
+/// Makes `dir` readable and searchable by its owner only, with no write
+/// permission, so a shell child that is not root cannot plant files there.
+fn restrict_to_reading(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500))
+        .with_context(|| format!("cannot restrict {}", dir.display()))
+}
+
 /// How often history past its retention is removed.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
@@ -240,6 +252,16 @@ fn spawn_pruning(history: Arc<History>, retention: Retention) {
             history.prune(retention.runs_days, retention.audit_days);
         }
     });
+}
+
+/// Marks the process not dumpable, so processes of the same user (shell
+/// children among them) cannot read its memory or `/proc/PID/environ`,
+/// where the shared key is. Root can still read both.
+fn hide_environment() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot mark the server not dumpable; shell children of the same user can read its environment");
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every connection,

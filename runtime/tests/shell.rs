@@ -19,6 +19,9 @@ const ENTRIES: &str = r#"shell_allow:
   - "git clone "
   - "git pull"
   - "sh -c "
+  - "dd "
+  - "sort "
+  - "timeout 20 git clone "
 shell_env: {APEX_TEST_VALUE: from-policy}
 "#;
 
@@ -219,9 +222,20 @@ fn arguments_outside_denied() {
         "echo -C/etc".to_string(),
         "echo file:///etc/passwd".to_string(),
         format!("cat {}/../secret.txt", work.display()),
+        format!("dd if={}", secret.display()),
+        format!(
+            "sort -uo{} inside.txt",
+            server.dir.path().join("sorted.txt").display()
+        ),
+        "sort -uolink inside.txt".to_string(),
+        format!("echo -d@{}", secret.display()),
+        format!("echo @{}", secret.display()),
+        format!("echo file://localhost{}", secret.display()),
+        format!("echo file://{}/%2e%2e/secret.txt", work.display()),
     ] {
         assert_denied(&server, &command, None, "outside paths_allow");
     }
+    assert!(!server.dir.path().join("sorted.txt").exists());
 
     let output = shell(
         &server,
@@ -241,13 +255,19 @@ fn environment_is_clean() {
     let env = output["stdout"].as_str().unwrap();
     assert!(!env.contains("APEX_SHARED_KEY"), "{env}");
     assert!(!env.contains(common::KEY), "{env}");
-    assert!(env.contains(&format!("HOME={}", work.display())), "{env}");
+    let home = server.data().canonicalize().unwrap().join("empty-home");
+    assert!(env.contains(&format!("HOME={}", home.display())), "{env}");
+    assert!(
+        !env.contains(&work.display().to_string()),
+        "HOME is not the writable working directory: {env}"
+    );
+    assert!(env.contains("PYTHONNOUSERSITE=1"), "{env}");
     assert!(env.contains("PATH=/usr/local/bin:/usr/bin:/bin"), "{env}");
     assert!(env.contains("APEX_TEST_VALUE=from-policy"), "{env}");
     assert_eq!(
         env.lines().count(),
-        4,
-        "only PATH, HOME, LANG and shell_env: {env}"
+        7,
+        "only the fixed variables and shell_env: {env}"
     );
 }
 
@@ -425,6 +445,19 @@ fn git_options_and_transports_denied() {
         format!("git clone --template={} {} f", work.display(), repo.display()),
         format!("git clone 'ext::sh -c touch% {}' g", marker.display()),
         "git clone fd::3 h".to_string(),
+        format!(
+            "git clone --upload-pa='touch {}' {} i",
+            marker.display(),
+            repo.display()
+        ),
+        format!("git clone --conf=core.x=y {} j", repo.display()),
+        format!("git clone --templa={} {} k", work.display(), repo.display()),
+        format!("git clone --recurse-submodules {} l", repo.display()),
+        format!(
+            "timeout 20 git clone --upload-pack='touch {}' {} m",
+            marker.display(),
+            repo.display()
+        ),
     ] {
         assert_denied(&server, &command, None, "git");
     }
@@ -509,4 +542,27 @@ fn invalid_shell_policy_rejected() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{policy}: {stderr}");
     }
+}
+
+#[test]
+fn shell_path_inside_allowed_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("bin")).unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "paths_allow: [./work]\nshell_path: [\"{}\"]\n",
+            work.join("bin").display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["policy", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("shell_path[0]"));
 }

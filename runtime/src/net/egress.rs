@@ -252,10 +252,23 @@ impl Egress {
         };
 
         let destination = self.check(&uri).map_err(denied)?;
+        let failed = |reason: String| {
+            decisions.push(Decision {
+                capability: "http",
+                target: target_of(&uri),
+                allowed: true,
+                reason,
+                exit_code: None,
+                duration_ms: None,
+            });
+        };
         let addresses = match self.addresses(&destination, &uri).await {
             Ok(addresses) => addresses,
             Err(SendError::Denied(denial)) => return Err(denied(denial)),
-            Err(SendError::Http(error)) => return Err(error),
+            Err(SendError::Http(error)) => {
+                failed(format!("allowed, but name resolution failed: {error:?}"));
+                return Err(error);
+            }
         };
 
         // A task may shorten the deadlines, never extend them.
@@ -265,7 +278,13 @@ impl Egress {
         let between_bytes_timeout =
             limit(options.and_then(|o| o.between_bytes_timeout)).max(Duration::from_millis(1));
 
-        let (stream, address) = connect(&addresses, connect_timeout).await?;
+        let (stream, address) = match connect(&addresses, connect_timeout).await {
+            Ok(connected) => connected,
+            Err(error) => {
+                failed(format!("allowed, but connecting failed: {error:?}"));
+                return Err(error);
+            }
+        };
         decisions.push(Decision {
             capability: "http",
             target: target_of(&uri),

@@ -103,6 +103,12 @@ impl ShellCalls {
 impl Host for ShellCalls {
     async fn run(&mut self, command: String, options: wit::Options) -> Result<wit::Output, wit::Error> {
         let shown = crate::truncate_text(&command, 300);
+
+        // The slot is taken before the check, so a call cannot wait for one
+        // between its check and its start while the task changes the files.
+        let Ok(_slot) = self.shell.processes.acquire().await else {
+            return Err(wit::Error::Failed("the server is shutting down".into()));
+        };
         let plan = match self.shell.rules.plan(&command, options.cwd.as_deref()) {
             Ok(plan) => plan,
             Err(reason) => {
@@ -112,10 +118,6 @@ impl Host for ShellCalls {
             }
         };
         let argv = shell_words::join(&plan.argv);
-
-        let Ok(_slot) = self.shell.processes.acquire().await else {
-            return Err(wit::Error::Failed("the server is shutting down".into()));
-        };
         let result = exec::run(&plan, options.stdin, self.shell.output_cap, self.shell.timeout).await;
 
         match result {

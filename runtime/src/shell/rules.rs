@@ -28,6 +28,9 @@ const GIT_DENIED_LONG: &[&str] = &[
     "--work-tree",
     "--separate-git-dir",
     "--namespace",
+    "--recurse-submodules",
+    "--recursive",
+    "--shallow-submodules",
 ];
 
 /// Short git options that take a program, configuration or directory
@@ -45,8 +48,14 @@ const GIT_FORCED_CONFIG: &[(&str, &str)] = &[
     ("protocol.allow", "never"),
     ("protocol.https.allow", "always"),
     ("protocol.http.allow", "always"),
-    ("protocol.file.allow", "always"),
+    // `user`: allowed for a URL given on the command line, not for one a
+    // repository names (a submodule), since git marks those as not from the user.
+    ("protocol.file.allow", "user"),
 ];
+// NOTE: multi-valued keys such as `remote.<name>.uploadpack`, and
+// `core.worktree`, `include.path` and filter drivers, cannot be overridden
+// this way: git still reads them from a planted `.git/config`. Only kernel
+// confinement of the child bounds what they do.
 
 /// A `shell_allow` entry, split into tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +181,8 @@ pub struct ShellRules {
     pub env: BTreeMap<String, String>,
     /// `paths_allow`, for working directories and path arguments.
     pub paths_allow: Vec<AllowedPath>,
+    /// Empty directory, not writable by tasks, used as the children's HOME.
+    pub home: PathBuf,
 }
 
 /// An approved call, ready to start.
@@ -212,13 +223,16 @@ impl ShellRules {
             self.check_argument(argument, &cwd)?;
         }
 
-        let is_git = program.file_name().is_some_and(|name| name == "git");
+        // A wrapper such as `timeout 30 git clone` runs git too.
+        let is_git = std::iter::once(program.as_path())
+            .chain(argv.iter().map(Path::new))
+            .any(|path| path.file_name().is_some_and(|name| name == "git"));
         if is_git {
             check_git_arguments(task_arguments)?;
         }
 
         Ok(Plan {
-            env: self.environment(&cwd, is_git),
+            env: self.environment(is_git),
             program,
             argv,
             cwd,
@@ -282,6 +296,7 @@ impl ShellRules {
 
     fn check_argument(&self, argument: &str, cwd: &Path) -> Result<(), String> {
         for candidate in path_candidates(argument) {
+            let candidate = candidate.as_str();
             let lexical = if Path::new(candidate).is_absolute() {
                 PathBuf::from(candidate)
             } else {
@@ -312,16 +327,23 @@ impl ShellRules {
             .any(|allowed| path.starts_with(&allowed.path))
     }
 
-    fn environment(&self, cwd: &Path, git: bool) -> Vec<(String, String)> {
+    fn environment(&self, git: bool) -> Vec<(String, String)> {
         let path = self
             .search_path
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(":");
+        // HOME is an empty directory the task cannot write, so a planted
+        // `.curlrc`, `.gitconfig` or Python user site cannot change what an
+        // allowed program does.
+        let home = self.home.display().to_string();
         let mut env = vec![
             ("PATH".to_string(), path),
-            ("HOME".to_string(), cwd.display().to_string()),
+            ("HOME".to_string(), home.clone()),
+            ("XDG_CONFIG_HOME".to_string(), home.clone()),
+            ("CURL_HOME".to_string(), home),
+            ("PYTHONNOUSERSITE".to_string(), "1".to_string()),
             ("LANG".to_string(), "C.UTF-8".to_string()),
         ];
         env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -330,8 +352,14 @@ impl ShellRules {
             env.push(("GIT_CONFIG_NOSYSTEM".into(), "1".into()));
             env.push(("GIT_CONFIG_GLOBAL".into(), "/dev/null".into()));
             env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
-            env.push(("GIT_PROTOCOL_FROM_USER".into(), "0".into()));
             env.push(("GIT_ALLOW_PROTOCOL".into(), "https:http:file".into()));
+            // Git must not find a repository above the allowed directories.
+            let ceilings: Vec<String> = self
+                .paths_allow
+                .iter()
+                .filter_map(|p| p.path.parent().map(|parent| parent.display().to_string()))
+                .collect();
+            env.push(("GIT_CEILING_DIRECTORIES".into(), ceilings.join(":")));
             env.push(("GIT_CONFIG_COUNT".into(), GIT_FORCED_CONFIG.len().to_string()));
             for (index, (key, value)) in GIT_FORCED_CONFIG.iter().enumerate() {
                 env.push((format!("GIT_CONFIG_KEY_{index}"), (*key).into()));
@@ -345,27 +373,68 @@ impl ShellRules {
 /// Returns the parts of an argument that may name a file: the argument
 /// itself, the value of `--option=VALUE` and `-XVALUE`, and the path of a
 /// `file://` URL in any of them.
-fn path_candidates(argument: &str) -> Vec<&str> {
-    let mut candidates = vec![argument];
+fn path_candidates(argument: &str) -> Vec<String> {
+    let mut candidates = vec![argument.to_owned()];
     if let Some(long) = argument.strip_prefix("--") {
         if let Some((_, value)) = long.split_once('=') {
-            candidates.push(value);
+            candidates.push(value.to_owned());
         }
-    } else if let Some(short) = argument.strip_prefix('-')
-        && short.len() > 1
-    {
-        let mut chars = short.char_indices();
-        chars.next();
-        if let Some((offset, _)) = chars.next() {
-            candidates.push(&short[offset..]);
+    } else if let Some(short) = argument.strip_prefix('-') {
+        // In a group of short options (`-uo/x`) the value may follow any letter.
+        for (offset, _) in short.char_indices().skip(1) {
+            candidates.push(short[offset..].to_owned());
+        }
+    } else if let Some((_, value)) = argument.split_once('=') {
+        // `name=value` operands, as in `dd if=/path`.
+        candidates.push(value.to_owned());
+    }
+
+    let mut extra = Vec::new();
+    for candidate in &candidates {
+        // `@file` reads a file in curl and many other tools.
+        if let Some(file) = candidate.strip_prefix('@') {
+            extra.push(file.to_owned());
+        }
+        if let Some(path) = file_url_path(candidate) {
+            extra.push(path);
         }
     }
-    let urls: Vec<&str> = candidates
-        .iter()
-        .filter_map(|c| c.strip_prefix("file://"))
-        .collect();
-    candidates.extend(urls);
+    candidates.extend(extra);
     candidates
+}
+
+/// Returns the local path of a `file:` URL, percent-decoded, whatever its host.
+fn file_url_path(text: &str) -> Option<String> {
+    let rest = text
+        .get(..5)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("file:"))
+        .map(|_| &text[5..])?;
+    let path = match rest.strip_prefix("//") {
+        Some(authority_and_path) => authority_and_path
+            .find('/')
+            .map_or("/", |at| &authority_and_path[at..]),
+        None => rest,
+    };
+    Some(percent_decode(path))
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%'
+            && let Some(hex) = text.get(index + 1..index + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            out.push(byte);
+            index += 3;
+            continue;
+        }
+        out.push(bytes[index]);
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Returns whether `relative`, taken from `cwd`, passes through a symlink.
@@ -416,9 +485,12 @@ fn check_git_arguments(arguments: &[String]) -> Result<(), String> {
         }
         if let Some(long) = argument.strip_prefix("--") {
             let name = long.split_once('=').map_or(long, |(name, _)| name);
-            if GIT_DENIED_LONG.contains(&format!("--{name}").as_str()) {
+            // git accepts any unambiguous prefix of a long option, so
+            // `--upload-pa` is `--upload-pack`.
+            let denied = !name.is_empty() && GIT_DENIED_LONG.iter().any(|d| d[2..].starts_with(name));
+            if denied {
                 return Err(format!(
-                    "git option --{name} can run programs or load configuration; name it in shell_allow to allow it"
+                    "git option --{name} (or the option it abbreviates) can run programs, load configuration or reach other repositories; name it in shell_allow to allow it"
                 ));
             }
         } else if let Some(short) = argument.strip_prefix('-')
@@ -517,7 +589,7 @@ mod tests {
     #[test]
     fn path_candidates_cover_option_values() {
         assert_eq!(path_candidates("--output=/etc/x"), ["--output=/etc/x", "/etc/x"]);
-        assert_eq!(path_candidates("-C/etc"), ["-C/etc", "/etc"]);
+        assert!(path_candidates("-C/etc").contains(&"/etc".to_string()));
         assert_eq!(
             path_candidates("file:///etc/passwd"),
             ["file:///etc/passwd", "/etc/passwd"]
@@ -543,6 +615,12 @@ mod tests {
             "ext::sh -c id",
             "fd::3",
             "--exec=x",
+            "--upload-pa=x",
+            "--conf=x",
+            "--templa=x",
+            "--separate-git=x",
+            "--recurse-submodules",
+            "--rec",
         ] {
             assert!(check_git_arguments(&args(bad)).is_err(), "{bad}");
         }
