@@ -225,10 +225,7 @@ mod bare {
             let engine = Engine::new(&Config::new()).unwrap();
             let mut linker = Linker::new(&engine);
             wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-            // The component also imports HTTP and the shell; define them as
-            // traps so it links, since `hello` calls neither.
             let component = Component::new(&engine, wasm).unwrap();
-            linker.define_unknown_imports_as_traps(&component).unwrap();
             let pre = linker.instantiate_pre(&component).unwrap();
             Bare { engine, pre }
         }
