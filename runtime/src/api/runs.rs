@@ -150,7 +150,11 @@ pub(super) async fn run_plugin(
         error: None,
         decisions: Value::Array(Vec::new()),
     };
-    state.history.queue(record.clone());
+    // A run that starts at once is written once, as running, when it starts;
+    // only a run that waits is written as queued first.
+    if !ticket.has_slot() {
+        state.history.queue(record.clone());
+    }
     let cancel = state.in_flight.insert(&record.id);
     let run = RunRequest {
         plugin: name,
@@ -189,6 +193,7 @@ async fn execute(
     ticket: Ticket,
     mut cancel: oneshot::Receiver<()>,
 ) -> (RunRecord, Option<String>) {
+    let started_at_once = ticket.has_slot();
     let slot = tokio::select! {
         slot = ticket.slot() => Some(slot),
         _ = &mut cancel => None,
@@ -196,9 +201,14 @@ async fn execute(
     let outcome = match slot {
         None => RunOutcome::cancelled_before_start(),
         Some(slot) => {
+            let queued = !started_at_once;
             record.started_at_ms = Some(now_ms());
             record.status = "running".into();
-            state.history.start(&record.id);
+            if queued {
+                state.history.start(&record.id);
+            } else {
+                state.history.queue(record.clone());
+            }
             let cancelled = async move {
                 // A dropped sender (the run finished) is not a cancellation.
                 if cancel.await.is_err() {

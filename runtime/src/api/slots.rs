@@ -67,6 +67,11 @@ impl RunSlots {
 }
 
 impl Ticket {
+    /// Returns whether the ticket already holds a slot, so the run starts at once.
+    pub fn has_slot(&self) -> bool {
+        self.slot.is_some()
+    }
+
     /// Waits for a slot; the queue place is given back once it is taken.
     pub async fn slot(mut self) -> OwnedSemaphorePermit {
         if let Some(slot) = self.slot.take() {
