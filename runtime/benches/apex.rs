@@ -512,7 +512,12 @@ async fn waiting_runs(count: usize) -> (f64, f64) {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    assert!(failures.is_empty(), "{} of {count} waiting runs failed; the first: {}", failures.len(), failures[0]);
+    assert!(
+        failures.is_empty(),
+        "{} of {count} waiting runs failed; the first: {}",
+        failures.len(),
+        failures[0]
+    );
 
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let peak_kib: f64 = status

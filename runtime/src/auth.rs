@@ -15,10 +15,12 @@
 //! [`TOLERANCE_SECONDS`] of its clock and each signature only once.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+
+use crate::keys::{Key, KeyRing};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -37,6 +39,8 @@ pub const HEADER_TS: &str = "x-ts";
 pub const HEADER_SIG: &str = "x-sig";
 /// Header carrying the optional nonce.
 pub const HEADER_NONCE: &str = "x-nonce";
+/// Header naming the key that signed the request; absent means `default`.
+pub const HEADER_KEY_ID: &str = "x-key-id";
 
 /// Returns the lowercase hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -110,6 +114,15 @@ pub enum AuthError {
     /// The signature was already used.
     #[error("replayed request: this signature was already accepted; sign each request afresh")]
     Replay,
+    /// The key is disabled in the keys file.
+    #[error("the key is disabled; ask an operator for a valid key")]
+    KeyDisabled,
+    /// The key's `not_after` time has passed.
+    #[error("the key has expired; ask an operator for a new key")]
+    KeyExpired,
+    /// `X-Key-Id` is not a valid key id.
+    #[error("invalid X-Key-Id: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`")]
+    InvalidKeyId,
     /// `X-TS` is earlier than the server's start, when its replay cache began.
     #[error("X-TS is earlier than the server's last start; sign the request again")]
     BeforeStart,
@@ -127,6 +140,9 @@ impl AuthError {
             AuthError::BadSignature => "bad_signature",
             AuthError::Replay => "replay",
             AuthError::BeforeStart => "timestamp_before_start",
+            AuthError::KeyDisabled => "key_disabled",
+            AuthError::KeyExpired => "key_expired",
+            AuthError::InvalidKeyId => "invalid_key_id",
         }
     }
 }
@@ -146,6 +162,8 @@ pub struct SignedRequest<'a> {
     pub target: &'a str,
     /// Raw body.
     pub body: &'a [u8],
+    /// `X-Key-Id` value, or `default`.
+    pub key_id: &'a str,
 }
 
 /// Parses an `X-TS` value: ASCII digits only, no sign, space or fraction.
@@ -163,20 +181,35 @@ pub fn parse_timestamp(value: &str) -> Result<u64, AuthError> {
 /// rejects timestamps earlier than its `not_before` time: a request signed
 /// before a restart cannot be replayed after it.
 pub struct Verifier {
-    key: Vec<u8>,
+    ring: RwLock<Arc<KeyRing>>,
     not_before: u64,
     seen: Mutex<HashMap<[u8; 32], u64>>,
 }
 
 impl Verifier {
-    /// Creates a verifier for `key`, the UTF-8 bytes of the shared key, that
-    /// accepts timestamps from Unix time `not_before` on.
+    /// Creates a verifier for one key `default`, the UTF-8 bytes of the
+    /// shared key, that accepts timestamps from Unix time `not_before` on.
     pub fn new(key: Vec<u8>, not_before: u64) -> Verifier {
+        Verifier::with_ring(KeyRing::single(key), not_before)
+    }
+
+    /// Creates a verifier for the keys of `ring`.
+    pub fn with_ring(ring: KeyRing, not_before: u64) -> Verifier {
         Verifier {
-            key,
+            ring: RwLock::new(Arc::new(ring)),
             not_before,
             seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Replaces the key ring; the next request is checked against the new one.
+    pub fn replace_ring(&self, ring: KeyRing) {
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+    }
+
+    /// Returns the current key ring.
+    pub fn ring(&self) -> Arc<KeyRing> {
+        self.ring.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Checks the format of `X-TS` and that it is inside the window around
@@ -205,7 +238,7 @@ impl Verifier {
     /// Returns the first check that failed. Signature comparison runs in
     /// constant time; a replay is detected only after the signature verifies,
     /// so unauthenticated traffic never fills the replay cache.
-    pub fn verify(&self, request: &SignedRequest<'_>, now: u64) -> Result<(), AuthError> {
+    pub fn verify(&self, request: &SignedRequest<'_>, now: u64) -> Result<Arc<Key>, AuthError> {
         let ts = self.check_timestamp(request.ts, now)?;
         if request.nonce.len() > MAX_NONCE_BYTES || !request.nonce.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(AuthError::InvalidNonce);
@@ -219,12 +252,24 @@ impl Verifier {
             request.nonce,
             request.body,
         );
-        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
+        // An unknown key id fails like a wrong signature, so ids cannot be probed.
+        let key = self.ring().get(request.key_id).cloned();
+        let secret = key.as_ref().map_or(&[][..], |k| k.secret.as_slice());
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
         mac.update(text.as_bytes());
         mac.verify_slice(&signature)
             .map_err(|_| AuthError::BadSignature)?;
+        let key = key.ok_or(AuthError::BadSignature)?;
 
-        self.remember(signature, ts + TOLERANCE_SECONDS, now)
+        // Only a holder of the secret learns that the key is switched off.
+        if key.disabled {
+            return Err(AuthError::KeyDisabled);
+        }
+        if key.not_after.is_some_and(|end| now > end) {
+            return Err(AuthError::KeyExpired);
+        }
+        self.remember(signature, ts + TOLERANCE_SECONDS, now)?;
+        Ok(key)
     }
 
     /// Records a verified signature, rejecting one already seen.
@@ -272,6 +317,7 @@ mod tests {
             method: "GET",
             target: "/v1/plugins",
             body: b"",
+            key_id: "default",
         }
     }
 
@@ -299,11 +345,11 @@ mod tests {
 
         let early = (now - TOLERANCE_SECONDS).to_string();
         let (sig, _) = signed(&early, "a");
-        assert_eq!(verifier.verify(&request(&early, &sig, "a"), now), Ok(()));
+        assert!(verifier.verify(&request(&early, &sig, "a"), now).is_ok());
 
         let late = (now + TOLERANCE_SECONDS).to_string();
         let (sig, _) = signed(&late, "b");
-        assert_eq!(verifier.verify(&request(&late, &sig, "b"), now), Ok(()));
+        assert!(verifier.verify(&request(&late, &sig, "b"), now).is_ok());
 
         let too_early = (now - TOLERANCE_SECONDS - 1).to_string();
         let (sig, _) = signed(&too_early, "c");
@@ -327,7 +373,12 @@ mod tests {
         let ts_text = ts.to_string();
         let (sig, _) = signed(&ts_text, "n");
 
-        assert_eq!(verifier.verify(&request(&ts_text, &sig, "n"), ts + 10), Ok(()));
+        assert_eq!(
+            verifier
+                .verify(&request(&ts_text, &sig, "n"), ts + 10)
+                .map(|_| ()),
+            Ok(())
+        );
         assert_eq!(
             verifier.verify(&request(&ts_text, &sig, "n"), ts + 200),
             Err(AuthError::Replay)
@@ -357,7 +408,10 @@ mod tests {
             verifier.verify(&request(ts, &sig[..63], ""), 1_800_000_000),
             Err(AuthError::BadSignature)
         );
-        assert_eq!(verifier.verify(&request(ts, &sig, ""), 1_800_000_000), Ok(()));
+        assert_eq!(
+            verifier.verify(&request(ts, &sig, ""), 1_800_000_000).map(|_| ()),
+            Ok(())
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Apex: a task runtime where every task is a WebAssembly component.
 //!
 //! - [`policy`] loads the YAML policy that decides what tasks may touch.
-//! - [`auth`] signs and verifies API requests (HMAC-SHA256).
+//! - [`auth`] signs and verifies API requests (HMAC-SHA256); [`keys`] holds
+//!   the keys that may sign and their scopes.
 //! - [`engine`] compiles components and runs them under the policy.
 //! - [`net`] decides and sends the outgoing HTTP requests of tasks.
 //! - [`shell`] runs the commands `shell_allow` permits; [`decision`] records
@@ -19,6 +20,7 @@ pub mod decision;
 pub mod engine;
 pub mod grants;
 pub mod history;
+pub mod keys;
 pub mod net;
 pub mod policy;
 pub mod registry;

@@ -40,6 +40,14 @@ enum Command {
         /// Address to listen on, HOST:PORT (port 0 picks a free port).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Keys file (YAML) listing keys by id with their scopes; mode 600.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+    },
+    /// Manage the server's keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Validate policy files.
     Policy {
@@ -138,6 +146,12 @@ enum Command {
         /// Plugin name.
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Reload the server's keys file (the same as sending it SIGHUP).
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -245,7 +259,11 @@ fn shared_key() -> String {
 
 fn client() -> anyhow::Result<Client> {
     let url = std::env::var("APEX_URL").unwrap_or_else(|_| DEFAULT_URL.to_string());
-    Client::new(&url, &shared_key())
+    let client = Client::new(&url, &shared_key())?;
+    match std::env::var("APEX_KEY_ID") {
+        Ok(id) => client.with_key_id(&id),
+        Err(_) => Ok(client),
+    }
 }
 
 /// Prints a reply as JSON and maps its status to the exit code.
@@ -260,21 +278,37 @@ fn print_reply(reply: apex::client::Reply) -> anyhow::Result<ExitCode> {
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config, data, listen } => {
+        Command::Serve {
+            config,
+            data,
+            listen,
+            keys,
+        } => {
             serve(ServeOptions {
                 config,
                 data,
                 listen,
-                key: shared_key(),
+                keys,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys {
+            command: KeysCommand::Reload,
+        } => print_reply(
+            client()?
+                .send(Method::POST, "/v1/keys/reload", Vec::new())
+                .await?,
+        ),
         Command::Policy {
             command: PolicyCommand::Check { path, data },
         } => {
             let data = std::path::absolute(&data)?;
-            let policy = apex::server::load_policy(&path, &data)?;
+            let protected = apex::policy::ProtectedPaths {
+                data_dir: Some(data),
+                files: Vec::new(),
+            };
+            let policy = apex::server::load_policy(&path, protected)?;
             print_out(&policy.describe());
             Ok(ExitCode::SUCCESS)
         }

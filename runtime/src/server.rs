@@ -13,6 +13,7 @@ use crate::auth::{MIN_KEY_BYTES, Verifier};
 use crate::engine::{Engine, EngineSettings};
 use crate::grants::Grants;
 use crate::history::History;
+use crate::keys::KeySource;
 use crate::policy::Retention;
 use crate::policy::{Policy, ProtectedPaths};
 use crate::registry::Registry;
@@ -27,8 +28,49 @@ pub struct ServeOptions {
     pub data: PathBuf,
     /// Address to listen on; port 0 picks a free port.
     pub listen: String,
-    /// The shared key, as text.
-    pub key: String,
+    /// The keys file, if any.
+    pub keys: Option<PathBuf>,
+}
+
+/// Name of the file of environment variables read from the working directory.
+pub const DOTENV_FILE: &str = ".env";
+
+/// Reads `.env` from the working directory, if present, after checking that
+/// only its owner can read it. The process environment wins over it.
+///
+/// # Errors
+///
+/// Fails when the file is readable by group or others, or does not parse.
+pub fn read_dotenv() -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let path = std::path::Path::new(DOTENV_FILE);
+    let mut variables = std::collections::BTreeMap::new();
+    if !path.exists() {
+        return Ok(variables);
+    }
+    crate::keys::check_private(path, "the environment file")?;
+    for item in dotenvy::from_path_iter(path).with_context(|| format!("cannot read {DOTENV_FILE}"))? {
+        let (name, value) = item.with_context(|| format!("invalid line in {DOTENV_FILE}"))?;
+        variables.insert(name, value);
+    }
+    Ok(variables)
+}
+
+/// Returns where the keys come from: `APEX_SHARED_KEY` (from the
+/// environment, else `.env`) and the keys file.
+///
+/// # Errors
+///
+/// Fails when `.env` is unusable.
+pub fn key_source(keys: Option<PathBuf>) -> anyhow::Result<KeySource> {
+    let dotenv = read_dotenv()?;
+    let shared = std::env::var("APEX_SHARED_KEY")
+        .ok()
+        .or_else(|| dotenv.get("APEX_SHARED_KEY").cloned());
+    Ok(KeySource {
+        shared,
+        file: keys,
+        dotenv,
+    })
 }
 
 /// Checks that a shared key is usable, saying how to make one if not.
@@ -51,16 +93,13 @@ pub fn check_key(key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the policy for a server whose data directory is `data`.
+/// Loads the policy, refusing allowed paths that overlap the `protected`
+/// paths or `.env` in the working directory.
 ///
 /// # Errors
 ///
 /// Returns the policy error, which names the key and value at fault.
-pub fn load_policy(config: &std::path::Path, data: &std::path::Path) -> anyhow::Result<Policy> {
-    let mut protected = ProtectedPaths {
-        data_dir: Some(data.to_path_buf()),
-        files: Vec::new(),
-    };
+pub fn load_policy(config: &std::path::Path, mut protected: ProtectedPaths) -> anyhow::Result<Policy> {
     let dotenv = std::path::Path::new(".env");
     if dotenv.exists() {
         protected.files.push(std::path::absolute(dotenv)?);
@@ -77,12 +116,23 @@ pub fn load_policy(config: &std::path::Path, data: &std::path::Path) -> anyhow::
 ///
 /// Fails when the key, policy, data directory or listen address is unusable.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
-    check_key(&options.key)?;
+    let key_source = key_source(options.keys.clone())?;
+    let ring = key_source.load()?;
     hide_environment();
 
     // The policy is checked before anything is created, so a bad policy
     // leaves no data directory behind.
-    let policy = load_policy(&options.config, &std::path::absolute(&options.data)?)?;
+    let mut protected = ProtectedPaths {
+        data_dir: Some(std::path::absolute(&options.data)?),
+        files: Vec::new(),
+    };
+    if let Some(keys) = &options.keys {
+        protected.files.push(std::path::absolute(keys)?);
+    }
+    let policy = load_policy(&options.config, protected)?;
+    if let Err(e) = crate::keys::check_private(&policy.source, "the policy file") {
+        tracing::warn!("{e}");
+    }
     create_private_dir(&options.data)
         .with_context(|| format!("cannot use data directory {}", options.data.display()))?;
     let data = options.data.canonicalize()?;
@@ -122,6 +172,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         "policy_load",
         json!({ "path": policy.source, "sha256": policy.sha256 }),
     );
+    audit.record(
+        "keys_load",
+        json!({ "keys": ring.ids(), "sha256": ring.file_sha256 }),
+    );
     let shell_home = data.join("empty-home");
     create_private_dir(&shell_home).with_context(|| format!("cannot create {}", shell_home.display()))?;
     restrict_to_reading(&shell_home)?;
@@ -134,13 +188,15 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         engine,
         grants,
         registry,
-        verifier: Verifier::new(options.key.into_bytes(), crate::unix_now()),
+        verifier: Verifier::with_ring(ring, crate::unix_now()),
         audit,
         body_budget,
         run_slots,
         history: history.clone(),
         in_flight: Default::default(),
+        key_source,
     });
+    spawn_reload_on_hangup(state.clone());
     spawn_pruning(history.clone(), state.grants.policy.retention);
 
     println!("apex listening on http://{local}");
@@ -238,6 +294,20 @@ fn restrict_to_reading(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500))
         .with_context(|| format!("cannot restrict {}", dir.display()))
+}
+
+/// Reloads the keys file on SIGHUP.
+fn spawn_reload_on_hangup(state: Arc<AppState>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload keys with POST /v1/keys/reload");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received; reloading the keys");
+            let _ = state.reload_keys();
+        }
+    });
 }
 
 /// How often history past its retention is removed.

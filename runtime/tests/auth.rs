@@ -383,7 +383,7 @@ fn serve_rejects_short_or_missing_key() {
     std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
 
     for (key, expected) in [
-        (None, "APEX_SHARED_KEY is not set"),
+        (None, "no key: set APEX_SHARED_KEY"),
         (Some("short"), "at least 32"),
     ] {
         let mut command = std::process::Command::new(binary);

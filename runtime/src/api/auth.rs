@@ -16,7 +16,8 @@ use tracing::Instrument;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::auth::{AuthError, HEADER_NONCE, HEADER_SIG, HEADER_TS, SignedRequest};
+use crate::auth::{AuthError, HEADER_KEY_ID, HEADER_NONCE, HEADER_SIG, HEADER_TS, SignedRequest};
+use crate::keys::{DEFAULT_KEY_ID, Key, Scope, is_valid_key_id};
 
 /// Maximum length of a request target written to logs and the audit log, in bytes.
 const MAX_LOGGED_TARGET: usize = 200;
@@ -92,12 +93,19 @@ pub async fn authenticate(
             .into_response();
         }
 
+        // The key id as sent, cut short, for logs; never a secret.
+        let claimed_key = parts
+            .headers
+            .get(HEADER_KEY_ID)
+            .and_then(|v| v.to_str().ok())
+            .map_or(DEFAULT_KEY_ID.to_string(), |v| crate::truncate_text(v, 64));
         let reject = |error: AuthError| {
-            tracing::warn!(code = error.code(), %remote, "authentication failed: {error}");
+            tracing::warn!(code = error.code(), %remote, key_id = %claimed_key, "authentication failed: {error}");
             state.audit.record(
                 "auth_failure",
                 serde_json::json!({
                     "remote": remote.to_string(),
+                    "key_id": claimed_key,
                     "check": error.code(),
                     "method": method,
                     "target": logged_target,
@@ -106,7 +114,7 @@ pub async fn authenticate(
             ApiError::new(StatusCode::UNAUTHORIZED, error.code(), error.to_string()).into_response()
         };
 
-        let (ts, signature, nonce) = match headers(&parts.headers) {
+        let (ts, signature, nonce, key_id) = match headers(&parts.headers) {
             Ok(values) => values,
             Err(error) => return reject(error),
         };
@@ -128,12 +136,30 @@ pub async fn authenticate(
             method: &method,
             target: &target,
             body: &body,
+            key_id,
         };
-        if let Err(error) = state.verifier.verify(&signed, now) {
-            return reject(error);
+        let key = match state.verifier.verify(&signed, now) {
+            Ok(key) => key,
+            Err(error) => return reject(error),
+        };
+
+        if let Err(denial) = check_scope(&key, &parts.method, parts.uri.path()) {
+            tracing::warn!(key_id = %key.id, %remote, "request outside the key's scopes: {denial}");
+            state.audit.record(
+                "scope_denial",
+                serde_json::json!({
+                    "remote": remote.to_string(),
+                    "key_id": key.id,
+                    "method": method,
+                    "target": logged_target,
+                    "reason": denial,
+                }),
+            );
+            return ApiError::new(StatusCode::FORBIDDEN, "forbidden", denial).into_response();
         }
 
-        let request = Request::from_parts(parts.clone(), Body::from(body));
+        let mut request = Request::from_parts(parts, Body::from(body));
+        request.extensions_mut().insert(Caller { key });
         next.run(request).await
     }
     .instrument(span)
@@ -214,8 +240,46 @@ async fn read_body(
     }
 }
 
-/// Extracts `X-TS`, `X-SIG` and the optional `X-Nonce`, each at most once.
-fn headers(headers: &HeaderMap) -> Result<(&str, &str, &str), AuthError> {
+/// The key that signed a request, for handlers.
+#[derive(Clone)]
+pub struct Caller {
+    /// The verified key.
+    pub key: Arc<Key>,
+}
+
+/// Checks that `key` may make a request of `method` to `path`.
+///
+/// Uploading, deleting and reloading keys need `admin`; running and
+/// cancelling need `run` (and, for a run, a plugin the key may run);
+/// everything else needs `read`.
+fn check_scope(key: &Key, method: &Method, path: &str) -> Result<(), String> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (scope, plugin) = match (method, segments.as_slice()) {
+        (_, ["v1", "keys", ..]) => (Scope::Admin, None),
+        (&Method::PUT | &Method::DELETE, ["v1", "plugins", ..]) => (Scope::Admin, None),
+        (&Method::POST, ["v1", "plugins", name, "run"]) => (Scope::Run, Some(*name)),
+        (&Method::POST, ["v1", "runs", _, "cancel"]) => (Scope::Run, None),
+        (&Method::GET | &Method::HEAD, _) => (Scope::Read, None),
+        _ => (Scope::Admin, None),
+    };
+
+    if !key.allows(scope) {
+        return Err(format!(
+            "key {:?} lacks the {scope} scope this request needs",
+            key.id
+        ));
+    }
+    if let Some(plugin) = plugin
+        && !key.may_run(plugin)
+    {
+        return Err(format!("key {:?} may not run plugin {plugin:?}", key.id));
+    }
+    Ok(())
+}
+
+/// Extracts `X-TS`, `X-SIG`, the optional `X-Nonce` and the optional
+/// `X-Key-Id`, each at most once.
+fn headers(headers: &HeaderMap) -> Result<(&str, &str, &str, &str), AuthError> {
     let ts = single(headers, HEADER_TS, "X-TS")?.ok_or(AuthError::MissingHeader("X-TS"))?;
     let signature = single(headers, HEADER_SIG, "X-SIG")?.ok_or(AuthError::MissingHeader("X-SIG"))?;
 
@@ -226,7 +290,15 @@ fn headers(headers: &HeaderMap) -> Result<(&str, &str, &str), AuthError> {
         Some(value) => value.to_str().map_err(|_| AuthError::InvalidNonce)?,
         None => "",
     };
-    Ok((ts, signature, nonce))
+    let key_id = match single(headers, HEADER_KEY_ID, "X-Key-Id")? {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .filter(|id| is_valid_key_id(id))
+            .ok_or(AuthError::InvalidKeyId)?,
+        None => DEFAULT_KEY_ID,
+    };
+    Ok((ts, signature, nonce, key_id))
 }
 
 fn single<'a>(

@@ -8,12 +8,12 @@ mod error;
 mod runs;
 mod slots;
 
-pub use self::auth::BodyBudget;
+pub use self::auth::{BodyBudget, Caller};
 pub use self::runs::InFlight;
 pub use self::slots::RunSlots;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -27,6 +27,7 @@ use crate::auth::Verifier;
 use crate::engine::Engine;
 use crate::grants::Grants;
 use crate::history::History;
+use crate::keys::{KeyError, KeySource};
 use crate::registry::{Registry, UploadError};
 use crate::store::is_valid_name;
 
@@ -50,6 +51,50 @@ pub struct AppState {
     pub history: Arc<History>,
     /// Runs queued or running now, for cancellation.
     pub in_flight: InFlight,
+    /// Where the key ring is loaded from, for reloads.
+    pub key_source: KeySource,
+}
+
+impl AppState {
+    /// Reloads the key ring from its source. A ring that fails to load
+    /// leaves the current one in place.
+    ///
+    /// # Errors
+    ///
+    /// Returns why the keys could not be loaded.
+    pub fn reload_keys(&self) -> Result<Vec<String>, KeyError> {
+        match self.key_source.load() {
+            Ok(ring) => {
+                let ids: Vec<String> = ring.ids().iter().map(|id| id.to_string()).collect();
+                tracing::info!(keys = ?ids, "reloaded the keys");
+                self.audit
+                    .record("keys_load", json!({ "keys": ids, "sha256": ring.file_sha256 }));
+                self.verifier.replace_ring(ring);
+                Ok(ids)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the keys; the previous keys stay in force");
+                self.audit
+                    .record("keys_load_failed", json!({ "error": e.to_string() }));
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn reload_keys(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    tracing::info!(key_id = %caller.key.id, "key reload requested");
+    let ids = state.reload_keys().map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_keys",
+            format!("{e}; the previous keys stay in force"),
+        )
+    })?;
+    Ok(Json(json!({ "keys": ids })))
 }
 
 /// Builds the router.
@@ -65,6 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/cancel", post(runs::cancel_run))
         .route("/v1/audit", get(runs::list_audit))
+        .route("/v1/keys/reload", post(reload_keys))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -130,6 +176,7 @@ async fn show_plugin(
 
 async fn upload_plugin(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -159,13 +206,14 @@ async fn upload_plugin(
     tracing::info!(plugin = %name, sha256 = %record.sha256, size = record.size, "uploaded plugin");
     state.audit.record(
         "plugin_upload",
-        json!({ "plugin": name, "sha256": record.sha256, "size": record.size }),
+        json!({ "plugin": name, "sha256": record.sha256, "size": record.size, "key_id": caller.key.id }),
     );
     Ok((StatusCode::CREATED, Json(json!(record))).into_response())
 }
 
 async fn delete_plugin(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     check_name(&name)?;
@@ -179,7 +227,7 @@ async fn delete_plugin(
     tracing::info!(plugin = %name, "deleted plugin");
     state.audit.record(
         "plugin_delete",
-        json!({ "plugin": name, "sha256": removed.sha256 }),
+        json!({ "plugin": name, "sha256": removed.sha256, "key_id": caller.key.id }),
     );
     Ok(Json(json!({ "deleted": name, "sha256": removed.sha256 })))
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use super::auth::Caller;
 use super::slots::{RETRY_AFTER_SECONDS, Ticket};
 use super::{ApiError, AppState, check_name};
 use crate::engine::{PluginKind, RunOutcome, RunRequest, RunStatus};
@@ -67,6 +68,7 @@ fn default_wait() -> bool {
 
 pub(super) async fn run_plugin(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -132,7 +134,7 @@ pub(super) async fn run_plugin(
         id: new_run_id(),
         plugin: name.clone(),
         sha256: plugin.record.sha256.clone(),
-        key_id: "default".into(),
+        key_id: caller.key.id.clone(),
         queued_at_ms: now_ms(),
         started_at_ms: None,
         finished_at_ms: None,
@@ -407,12 +409,15 @@ pub(super) async fn list_runs(
 
 pub(super) async fn cancel_run(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if let Some(cancel) = state.in_flight.take(&id) {
         let _ = cancel.send(());
         tracing::info!(run_id = %id, "run cancelled through the API");
-        state.audit.record("run_cancel", json!({ "run_id": id }));
+        state
+            .audit
+            .record("run_cancel", json!({ "run_id": id, "key_id": caller.key.id }));
         return Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "run_id": id, "status": "cancelling" })),

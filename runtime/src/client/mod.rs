@@ -38,6 +38,7 @@ pub fn sign_request(key: &[u8], method: &str, target: &str, body: &[u8]) -> Sign
 pub struct Client {
     base: reqwest::Url,
     key: Vec<u8>,
+    key_id: Option<String>,
     http: reqwest::Client,
 }
 
@@ -69,8 +70,22 @@ impl Client {
         Ok(Client {
             base,
             key: key.as_bytes().to_vec(),
+            key_id: None,
             http: reqwest::Client::new(),
         })
+    }
+
+    /// Names the key in `X-Key-Id`; without it the server uses `default`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when `id` is not a valid key id.
+    pub fn with_key_id(mut self, id: &str) -> anyhow::Result<Client> {
+        if !crate::keys::is_valid_key_id(id) {
+            anyhow::bail!("invalid key id {id:?}: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`");
+        }
+        self.key_id = Some(id.to_owned());
+        Ok(self)
     }
 
     /// Sends a signed request to `target` (path and query).
@@ -96,12 +111,16 @@ impl Client {
         }
         let headers = sign_request(&self.key, method.as_str(), &wire_target, &body);
 
-        let response = self
+        let mut request = self
             .http
             .request(method, url.clone())
             .header(HEADER_TS, headers.ts)
             .header(HEADER_NONCE, headers.nonce)
-            .header(HEADER_SIG, headers.signature)
+            .header(HEADER_SIG, headers.signature);
+        if let Some(id) = &self.key_id {
+            request = request.header(crate::auth::HEADER_KEY_ID, id);
+        }
+        let response = request
             .body(body)
             .send()
             .await
