@@ -91,6 +91,18 @@ impl Request {
         self.signed_at(apex::unix_now())
     }
 
+    /// Adds `X-Key-Id`, `X-TS`, `X-Nonce` and `X-SIG`, signed with `secret`.
+    pub fn signed_with(self, key_id: &str, secret: &str) -> Request {
+        let ts = apex::unix_now().to_string();
+        let nonce = apex::auth::generate_nonce();
+        let text = apex::auth::string_to_sign(&ts, &self.method, &self.target, &nonce, &self.body);
+        let signature = apex::auth::sign(secret.as_bytes(), &text);
+        self.header("X-Key-Id", key_id)
+            .header("X-TS", &ts)
+            .header("X-Nonce", &nonce)
+            .header("X-SIG", &signature)
+    }
+
     /// Adds `X-TS`, `X-Nonce` and `X-SIG` for Unix time `ts`.
     pub fn signed_at(mut self, ts: u64) -> Request {
         let ts = ts.to_string();
@@ -152,6 +164,10 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: String,
     child: Option<Child>,
+    /// Extra arguments of `apex serve`.
+    pub extra_args: Vec<String>,
+    /// Extra environment variables of the server.
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -177,9 +193,42 @@ impl TestServer {
             dir,
             addr: String::new(),
             child: None,
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
         };
         server.spawn();
         server
+    }
+
+    /// Starts a server with `setup`, a keys file with `keys` (mode 0600) and
+    /// the environment variables `env`.
+    pub fn start_with_keys(setup: Setup, keys: &str, env: &[(&str, &str)]) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("work")).unwrap();
+        std::fs::create_dir_all(dir.path().join("ro")).unwrap();
+        let policy = setup
+            .policy
+            .replace("{WORK}", dir.path().join("work").to_str().unwrap())
+            .replace("{RO}", dir.path().join("ro").to_str().unwrap());
+        std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+        let keys_file = dir.path().join("keys.yaml");
+        std::fs::write(&keys_file, keys).unwrap();
+        std::fs::set_permissions(&keys_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+        let mut server = TestServer {
+            dir,
+            addr: String::new(),
+            child: None,
+            extra_args: vec!["--keys".into(), keys_file.to_str().unwrap().into()],
+            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    /// Returns the server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
     }
 
     pub fn work(&self) -> PathBuf {
@@ -209,6 +258,8 @@ impl TestServer {
             .arg(self.data())
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(self.dir.path())
             .env("APEX_SHARED_KEY", KEY)
             .env("APEX_LOG", "info")
