@@ -123,6 +123,10 @@ pub enum AuthError {
     /// `X-Key-Id` is not a valid key id.
     #[error("invalid X-Key-Id: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`")]
     InvalidKeyId,
+    /// The replay cache is full and this timestamp is older than what it
+    /// still remembers.
+    #[error("too many recent requests to rule out a replay of this one; sign it again with the current time")]
+    ReplayCacheFull,
     /// `X-TS` is earlier than the server's start, when its replay cache began.
     #[error("X-TS is earlier than the server's last start; sign the request again")]
     BeforeStart,
@@ -140,6 +144,7 @@ impl AuthError {
             AuthError::BadSignature => "bad_signature",
             AuthError::Replay => "replay",
             AuthError::BeforeStart => "timestamp_before_start",
+            AuthError::ReplayCacheFull => "replay_cache_full",
             AuthError::KeyDisabled => "key_disabled",
             AuthError::KeyExpired => "key_expired",
             AuthError::InvalidKeyId => "invalid_key_id",
@@ -183,7 +188,7 @@ pub fn parse_timestamp(value: &str) -> Result<u64, AuthError> {
 pub struct Verifier {
     ring: RwLock<Arc<KeyRing>>,
     not_before: u64,
-    seen: Mutex<HashMap<[u8; 32], u64>>,
+    seen: Mutex<ReplayCache>,
 }
 
 impl Verifier {
@@ -198,7 +203,7 @@ impl Verifier {
         Verifier {
             ring: RwLock::new(Arc::new(ring)),
             not_before,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(ReplayCache::new(REPLAY_CAPACITY)),
         }
     }
 
@@ -274,17 +279,66 @@ impl Verifier {
 
     /// Records a verified signature, rejecting one already seen.
     fn remember(&self, signature: [u8; 32], expires: u64, now: u64) -> Result<(), AuthError> {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() >= 1024 {
-            seen.retain(|_, until| *until >= now);
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remember(signature, expires, now)
+    }
+}
+
+/// Most signatures remembered at once: about 8 MiB.
+const REPLAY_CAPACITY: usize = 100_000;
+
+/// Signatures accepted and still inside their window, bounded in size.
+///
+/// When full, the entry that expires first is forgotten and its expiry
+/// becomes a floor: a request that expires no later is rejected, since its
+/// signature might be one that was forgotten. So the cache never accepts a
+/// replay, whatever the traffic.
+struct ReplayCache {
+    expiry_of: HashMap<[u8; 32], u64>,
+    by_expiry: std::collections::BTreeSet<(u64, [u8; 32])>,
+    floor: u64,
+    capacity: usize,
+}
+
+impl ReplayCache {
+    fn new(capacity: usize) -> ReplayCache {
+        ReplayCache {
+            expiry_of: HashMap::new(),
+            by_expiry: std::collections::BTreeSet::new(),
+            floor: 0,
+            capacity,
         }
-        match seen.get(&signature) {
-            Some(until) if *until >= now => Err(AuthError::Replay),
-            _ => {
-                seen.insert(signature, expires);
-                Ok(())
+    }
+
+    fn remember(&mut self, signature: [u8; 32], expires: u64, now: u64) -> Result<(), AuthError> {
+        while let Some(&(until, old)) = self.by_expiry.first() {
+            if until >= now {
+                break;
+            }
+            self.by_expiry.remove(&(until, old));
+            self.expiry_of.remove(&old);
+        }
+
+        if self.expiry_of.contains_key(&signature) {
+            return Err(AuthError::Replay);
+        }
+        if expires <= self.floor {
+            return Err(AuthError::ReplayCacheFull);
+        }
+        if self.expiry_of.len() >= self.capacity
+            && let Some((until, old)) = self.by_expiry.pop_first()
+        {
+            self.expiry_of.remove(&old);
+            self.floor = self.floor.max(until);
+            if expires <= self.floor {
+                return Err(AuthError::ReplayCacheFull);
             }
         }
+        self.expiry_of.insert(signature, expires);
+        self.by_expiry.insert((expires, signature));
+        Ok(())
     }
 }
 
@@ -392,6 +446,33 @@ mod tests {
             verifier.verify(&request(&ts_text, &sig, "n"), ts + TOLERANCE_SECONDS + 1),
             Err(AuthError::StaleTimestamp { .. })
         ));
+    }
+
+    #[test]
+    fn full_replay_cache_never_accepts_replay() {
+        let mut cache = ReplayCache::new(2);
+        let now = 1_000;
+        assert_eq!(cache.remember([1; 32], now + 100, now), Ok(()));
+        assert_eq!(cache.remember([2; 32], now + 200, now), Ok(()));
+        // Full: the entry expiring first is forgotten and becomes the floor.
+        assert_eq!(cache.remember([3; 32], now + 300, now), Ok(()));
+        assert_eq!(
+            cache.remember([1; 32], now + 100, now),
+            Err(AuthError::ReplayCacheFull),
+            "a forgotten one is refused"
+        );
+        assert_eq!(
+            cache.remember([4; 32], now + 50, now),
+            Err(AuthError::ReplayCacheFull),
+            "so is anything older"
+        );
+        assert_eq!(cache.remember([2; 32], now + 200, now), Err(AuthError::Replay));
+        assert_eq!(cache.remember([3; 32], now + 300, now), Err(AuthError::Replay));
+        assert_eq!(cache.expiry_of.len(), 2, "the size stays bounded");
+
+        // Expired entries leave room without raising the floor.
+        assert_eq!(cache.remember([5; 32], now + 400, now + 250), Ok(()));
+        assert_eq!(cache.expiry_of.len(), 2);
     }
 
     #[test]
