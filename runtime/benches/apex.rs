@@ -458,7 +458,7 @@ fn startup() -> (f64, f64) {
     (cached, cold)
 }
 
-/// Runs `count` fetches at once against a local server that answers after
+/// Runs `count` fetches at once against a local server that responds after
 /// one second; returns the wall time and the Apex server's peak RSS in MiB.
 async fn waiting_runs(count: usize) -> (f64, f64) {
     let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

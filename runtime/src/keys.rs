@@ -17,7 +17,7 @@ use crate::auth::MIN_KEY_BYTES;
 /// Id of the key given in `APEX_SHARED_KEY`.
 pub const DEFAULT_KEY_ID: &str = "default";
 
-/// What a key may do.
+/// Permission a key may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
@@ -46,7 +46,7 @@ pub struct Key {
     pub id: String,
     /// The secret: the UTF-8 bytes of the key text.
     pub secret: Vec<u8>,
-    /// What the key may do.
+    /// Permissions of the key.
     pub scopes: Vec<Scope>,
     /// Plugins the `run` scope is limited to; `None` means all.
     pub plugins: Option<Vec<String>>,
@@ -92,7 +92,7 @@ pub struct KeyRing {
     pub file_sha256: Option<String>,
 }
 
-/// Why the keys could not be loaded; each message names the file and the fix.
+/// Failure to load the keys; each message names the file and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// No key at all.
@@ -113,7 +113,7 @@ pub enum KeyError {
     File {
         /// The keys file.
         path: PathBuf,
-        /// What is wrong and how to fix it.
+        /// The problem and the fix.
         message: String,
     },
 }
@@ -137,8 +137,8 @@ struct RawKey {
     disabled: bool,
 }
 
-/// Where keys come from: the shared key and the keys file, with the
-/// variables of `.env` as a fallback for the process environment.
+/// Sources of keys: the shared key and the keys file, with the variables of
+/// `.env` as a fallback for the process environment.
 #[derive(Debug, Clone, Default)]
 pub struct KeySource {
     /// Value of `APEX_SHARED_KEY`, if set.

@@ -57,7 +57,7 @@ struct RunBody {
     /// Arguments of a command plugin.
     #[serde(default)]
     args: Vec<String>,
-    /// Whether to answer only when the run has finished (the default).
+    /// Whether to respond only when the run has finished (the default).
     #[serde(default = "default_wait")]
     wait: bool,
 }
@@ -114,7 +114,7 @@ pub(super) async fn run_plugin(
         ));
     }
 
-    // A full queue is answered now, also for a background run.
+    // A full queue is reported now, also for a background run.
     let Some(ticket) = state.run_slots.enter() else {
         tracing::warn!(plugin = %name, "run queue full; rejecting the run");
         let mut response = ApiError::new(

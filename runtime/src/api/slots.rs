@@ -67,7 +67,7 @@ impl RunSlots {
 }
 
 impl Ticket {
-    /// Returns whether the ticket already holds a slot, so the run starts at once.
+    /// Returns whether the ticket already has a slot, so the run starts at once.
     pub fn has_slot(&self) -> bool {
         self.slot.is_some()
     }

@@ -28,7 +28,7 @@ pub enum Change {
     /// Removes runs finished and audit events recorded before these Unix
     /// milliseconds and seconds.
     Prune { runs_before_ms: i64, audit_before: i64 },
-    /// Changes nothing; its acknowledgement tells that earlier changes are committed.
+    /// Changes nothing; its acknowledgement means that earlier changes are committed.
     Barrier,
 }
 

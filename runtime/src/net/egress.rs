@@ -2,10 +2,10 @@
 //!
 //! wasmtime-wasi-http's default sender resolves and connects in one step, so
 //! the host could not see which address it connects to. Apex sends requests
-//! itself: it checks the scheme, authority, host and port against the rules,
-//! resolves the name (`network.resolve` first, then DNS), checks every
-//! address, connects only to a checked one, and speaks HTTP/1.1 with hyper
-//! over TLS from rustls when the scheme is `https`.
+//! itself. It checks the scheme, authority, host and port against the rules,
+//! then resolves the name (`network.resolve` first, then DNS) and checks
+//! every address. It connects only to a checked address and speaks HTTP/1.1
+//! with hyper, over TLS from rustls when the scheme is `https`.
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
@@ -37,7 +37,7 @@ pub enum EgressError {
     CaFile {
         /// The file.
         path: String,
-        /// What is wrong.
+        /// The problem.
         message: String,
     },
     /// rustls rejected the TLS configuration.
@@ -76,7 +76,7 @@ impl Egress {
     ///
     /// # Errors
     ///
-    /// Fails when the CA file cannot be read or holds no certificate.
+    /// Fails when the CA file cannot be read or contains no certificate.
     pub fn new(config: EgressConfig<'_>) -> Result<Egress, EgressError> {
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
@@ -375,8 +375,8 @@ pub struct HttpHooks {
 
 impl WasiHttpHooks for HttpHooks {
     fn is_supported_scheme(&mut self, _scheme: &Scheme) -> bool {
-        // Every scheme passes the protocol layer, so that the policy check is
-        // the one that answers, with the denied-request error code.
+        // Every scheme passes the protocol layer, so that the policy check
+        // decides, with the denied-request error code.
         true
     }
 
@@ -447,7 +447,7 @@ fn target_of(uri: &http::Uri) -> String {
 trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
 impl<T> Stream for T where T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
 
-/// Connects to the first address that answers within the deadline.
+/// Connects to the first address that accepts within the deadline.
 async fn connect(addresses: &[SocketAddr], timeout: Duration) -> Result<(TcpStream, SocketAddr), HttpError> {
     let mut last_error = HttpError::ConnectionRefused;
     for address in addresses {

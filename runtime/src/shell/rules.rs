@@ -38,7 +38,7 @@ const GIT_DENIED_LONG: &[&str] = &[
 const GIT_DENIED_SHORT: &[char] = &['u', 'c', 'C'];
 
 /// Configuration forced on every git child, over anything a repository
-/// (possibly planted by a task) says. Command-line configuration has the
+/// (possibly planted by a task) sets. Command-line configuration has the
 /// highest precedence.
 const GIT_FORCED_CONFIG: &[(&str, &str)] = &[
     ("core.hooksPath", "/dev/null"),
@@ -170,7 +170,7 @@ pub fn split_command(command: &str) -> Result<Vec<String>, String> {
     Ok(argv)
 }
 
-/// What the policy allows for shell calls.
+/// Policy rules for shell calls.
 #[derive(Debug, Clone)]
 pub struct ShellRules {
     /// Parsed `shell_allow`.
