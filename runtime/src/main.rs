@@ -43,6 +43,12 @@ enum Command {
         /// Keys file (YAML) listing keys by id with their scopes; mode 600.
         #[arg(long)]
         keys: Option<PathBuf>,
+        /// TLS certificate chain (PEM); with --tls-key the API speaks HTTPS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM, mode 600).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Manage the server's keys.
     Keys {
@@ -283,12 +289,16 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             data,
             listen,
             keys,
+            tls_cert,
+            tls_key,
         } => {
             serve(ServeOptions {
                 config,
                 data,
                 listen,
                 keys,
+                tls_cert,
+                tls_key,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -207,6 +207,65 @@ pub struct Policy {
     pub limits: Limits,
     /// How long history is kept.
     pub retention: Retention,
+    /// Who may reach the API, and how authentication failures are throttled.
+    pub api: ApiPolicy,
+}
+
+/// The `api` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiPolicy {
+    /// Networks clients may connect from (`ip_allow`); `None` allows all.
+    pub ip_allow: Option<Vec<IpNet>>,
+    /// Failed authentications from one address, within the window, that start a block.
+    pub failures_max: u32,
+    /// Window in which failures are counted.
+    pub failures_window: Duration,
+    /// How long an address is blocked; its requests get 429.
+    pub block: Duration,
+}
+
+/// An IP network in CIDR form, such as `127.0.0.1/32` or `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    /// Network address.
+    pub address: IpAddr,
+    /// Prefix length in bits.
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `ADDRESS/PREFIX`, or a bare address as a single host.
+    pub fn parse(text: &str) -> Option<IpNet> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address.parse::<IpAddr>().ok()?, prefix.parse::<u8>().ok()?),
+            None => {
+                let address = text.parse::<IpAddr>().ok()?;
+                (address, if address.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        (prefix <= bits).then_some(IpNet { address, prefix })
+    }
+
+    /// Returns whether `ip` is inside the network. An IPv4-mapped IPv6
+    /// address counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// How long run history and audit events are kept (`retention`).
@@ -236,6 +295,24 @@ struct RawPolicy {
     limits: RawLimits,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    ip_allow: Option<Vec<String>>,
+    #[serde(default)]
+    auth_failures: RawAuthFailures,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthFailures {
+    max: Option<u64>,
+    window_seconds: Option<u64>,
+    block_seconds: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -361,6 +438,7 @@ impl Policy {
             timeouts: RawTimeouts::default(),
             limits: RawLimits::default(),
             retention: RawRetention::default(),
+            api: RawApi::default(),
         });
 
         let checker = Checker { source };
@@ -388,6 +466,7 @@ impl Policy {
             network,
             timeouts: checker.timeouts(&raw.timeouts)?,
             limits: checker.limits(&raw.limits)?,
+            api: checker.api(&raw.api)?,
             retention: Retention {
                 runs_days: checker.days("retention.runs_days", raw.retention.runs_days, 30)?,
                 audit_days: checker.days("retention.audit_days", raw.retention.audit_days, 365)?,
@@ -712,6 +791,46 @@ impl Checker<'_> {
             return Err(self.error(key, format!("{amount} is out of range; use 1 to {max} {unit}")));
         }
         Ok((amount << unit_shift) as usize)
+    }
+
+    fn api(&self, raw: &RawApi) -> Result<ApiPolicy, PolicyError> {
+        let ip_allow = match &raw.ip_allow {
+            None => None,
+            Some(entries) => {
+                let mut nets = Vec::new();
+                for (index, entry) in entries.iter().enumerate() {
+                    let net = IpNet::parse(entry.trim()).ok_or_else(|| {
+                        self.error(
+                            format!("api.ip_allow[{index}]"),
+                            format!("{entry:?} is not a network such as 127.0.0.1/32 or fd00::/8"),
+                        )
+                    })?;
+                    nets.push(net);
+                }
+                Some(nets)
+            }
+        };
+        let max = raw.auth_failures.max.unwrap_or(20);
+        if max == 0 || max > 1_000_000 {
+            return Err(self.error(
+                "api.auth_failures.max",
+                format!("{max} is out of range; use 1 to 1000000"),
+            ));
+        }
+        Ok(ApiPolicy {
+            ip_allow,
+            failures_max: max as u32,
+            failures_window: self.seconds(
+                "api.auth_failures.window_seconds",
+                raw.auth_failures.window_seconds,
+                60,
+            )?,
+            block: self.seconds(
+                "api.auth_failures.block_seconds",
+                raw.auth_failures.block_seconds,
+                60,
+            )?,
+        })
     }
 
     fn days(&self, key: &str, value: Option<u64>, default: u64) -> Result<u64, PolicyError> {

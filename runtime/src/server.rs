@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::api::{self, AppState, BodyBudget, RunSlots};
+use crate::api::{self, AppState, BodyBudget, RunSlots, Throttle};
 use crate::audit::AuditLog;
 use crate::auth::{MIN_KEY_BYTES, Verifier};
 use crate::engine::{Engine, EngineSettings};
@@ -30,6 +30,10 @@ pub struct ServeOptions {
     pub listen: String,
     /// The keys file, if any.
     pub keys: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with `tls_key`, the API speaks HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM, mode 600).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Name of the file of environment variables read from the working directory.
@@ -164,8 +168,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
-    if !local.ip().is_loopback() {
-        tracing::warn!(address = %local, "listening on a non-loopback address without TLS; put the API behind HTTPS");
+    let tls = match (&options.tls_cert, &options.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("give both --tls-cert and --tls-key, or neither"),
+    };
+    if tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(address = %local, "listening on a non-loopback address without TLS; give --tls-cert and --tls-key or put the API behind HTTPS");
     }
 
     audit.record(
@@ -179,6 +188,11 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let shell_home = data.join("empty-home");
     create_private_dir(&shell_home).with_context(|| format!("cannot create {}", shell_home.display()))?;
     restrict_to_reading(&shell_home)?;
+    let throttle = Throttle::new(
+        policy.api.failures_max,
+        policy.api.failures_window,
+        policy.api.block,
+    );
     let grants = Grants::new(policy, shell_home).context("invalid network section in the policy")?;
     audit.record(
         "server_start",
@@ -195,14 +209,16 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         history: history.clone(),
         in_flight: Default::default(),
         key_source,
+        throttle,
     });
     spawn_reload_on_hangup(state.clone());
     spawn_pruning(history.clone(), state.grants.policy.retention);
 
-    println!("apex listening on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("apex listening on {scheme}://{local}");
     tracing::info!(address = %local, data = %data.display(), "server started");
 
-    accept_connections(listener, api::router(state.clone())).await;
+    accept_connections(listener, api::router(state.clone()), tls).await;
 
     state.audit.record("server_stop", json!({}));
     history.flush().await;
@@ -221,7 +237,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves HTTP/1.1 connections until SIGINT or SIGTERM, with a bound on
 /// open connections and on the time a client may take to send its headers.
-async fn accept_connections(listener: tokio::net::TcpListener, router: axum::Router) {
+async fn accept_connections(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
 
@@ -260,16 +280,31 @@ async fn accept_connections(listener: tokio::net::TcpListener, router: axum::Rou
                 request
             },
         );
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(
-                TokioIo::new(stream),
-                hyper_util::service::TowerToHyperService::new(service),
-            );
-        let connection = graceful.watch(connection);
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let stream: Box<dyn Stream> = match tls {
+                None => Box::new(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => Box::new(stream),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
             drop(slot);
@@ -286,6 +321,45 @@ async fn accept_connections(listener: tokio::net::TcpListener, router: axum::Rou
             SHUTDOWN_GRACE.as_secs()
         );
     }
+}
+
+/// A connection, plain or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
+/// Loads a certificate chain and private key (PEM) for the API.
+///
+/// # Errors
+///
+/// Fails when a file cannot be read or holds no certificate or key.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("invalid PEM in {}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("no certificate in {}", cert.display());
+    }
+    crate::keys::check_private(key, "the TLS private key")?;
+    let private_key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read a private key from {}", key.display()))?;
+
+    // `ring` builds without cmake or a C toolchain beyond the system compiler.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .context("the TLS certificate and key do not match")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Makes `dir` readable and searchable by its owner only, with no write

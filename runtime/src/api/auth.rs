@@ -85,6 +85,31 @@ pub async fn authenticate(
     let span = tracing::info_span!("request", %method, target = %logged_target, %remote);
 
     async move {
+        // Checked before any signature work: the address, then its block.
+        if let Some(networks) = &state.grants.policy.api.ip_allow
+            && !networks.iter().any(|net| net.contains(remote.ip()))
+        {
+            tracing::warn!(%remote, "request from an address outside api.ip_allow");
+            state.audit.record("ip_denial", serde_json::json!({ "remote": remote.to_string(), "target": logged_target }));
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "address_not_allowed",
+                "this address may not use the API (api.ip_allow)",
+            )
+            .into_response();
+        }
+        if let Some(remaining) = state.throttle.blocked(remote.ip(), std::time::Instant::now()) {
+            let seconds = remaining.as_secs().max(1);
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                format!("too many failed authentications from this address; retry in {seconds} s"),
+            )
+            .into_response();
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+            return response;
+        }
+
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             return ApiError::bad_request(
                 "absolute_target",
@@ -111,6 +136,10 @@ pub async fn authenticate(
                     "target": logged_target,
                 }),
             );
+            if state.throttle.fail(remote.ip(), std::time::Instant::now()) {
+                tracing::warn!(%remote, "blocking an address after repeated authentication failures");
+                state.audit.record("auth_throttled", serde_json::json!({ "remote": remote.to_string() }));
+            }
             ApiError::new(StatusCode::UNAUTHORIZED, error.code(), error.to_string()).into_response()
         };
 

@@ -7,10 +7,12 @@ mod auth;
 mod error;
 mod runs;
 mod slots;
+mod throttle;
 
 pub use self::auth::{BodyBudget, Caller};
 pub use self::runs::InFlight;
 pub use self::slots::RunSlots;
+pub use self::throttle::Throttle;
 use std::sync::Arc;
 
 use axum::extract::{Extension, Path, State};
@@ -53,6 +55,8 @@ pub struct AppState {
     pub in_flight: InFlight,
     /// Where the key ring is loaded from, for reloads.
     pub key_source: KeySource,
+    /// Failed authentications per address.
+    pub throttle: Throttle,
 }
 
 impl AppState {

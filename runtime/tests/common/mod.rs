@@ -273,7 +273,11 @@ impl TestServer {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        let Some(addr) = line.trim().strip_prefix("apex listening on http://") else {
+        let listening = line
+            .trim()
+            .strip_prefix("apex listening on ")
+            .and_then(|url| url.split_once("://"));
+        let Some((_, addr)) = listening else {
             let _ = child.kill();
             panic!("server did not start: {line:?}\nlog:\n{}", self.log());
         };
@@ -389,9 +393,30 @@ impl Drop for TestServer {
 
 /// Sends one request on a new connection and reads until the server closes it.
 pub fn send_raw(addr: &str, request: &Request) -> Response {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    exchange(stream, addr, request)
+}
 
+/// Like [`send_raw`], from the local address `from` (any of 127.0.0.0/8).
+pub fn send_raw_from(from: &str, addr: &str, request: &Request) -> Response {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        socket.connect(addr.parse().unwrap()).await.unwrap()
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    exchange(stream, addr, request)
+}
+
+/// Writes `request` to `stream` and reads the response until the server closes it.
+pub fn exchange<S: Read + Write>(mut stream: S, addr: &str, request: &Request) -> Response {
     let mut head = format!(
         "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
         request.method, request.target

@@ -1,0 +1,210 @@
+//! Who may reach the API: the address allowlist, throttling of failed
+//! authentication, and TLS.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Request, Setup, TestServer};
+
+fn list() -> Request {
+    Request::new("GET", "/v1/plugins", "")
+}
+
+#[test]
+fn address_outside_ip_allow_forbidden() {
+    let server = TestServer::start_with(Setup {
+        policy: "api: {ip_allow: [127.0.0.1/32]}\n".into(),
+    });
+    assert_eq!(
+        common::send_raw_from("127.0.0.1", &server.addr, &list().signed()).status,
+        200
+    );
+
+    // The signature is valid, but no signature work is done for this address.
+    let response = common::send_raw_from("127.0.0.2", &server.addr, &list().signed());
+    assert_eq!(response.status, 403);
+    assert_eq!(response.error_code(), "address_not_allowed");
+    let denial = server
+        .audit()
+        .into_iter()
+        .find(|e| e["kind"] == "ip_denial")
+        .unwrap();
+    assert!(denial["remote"].as_str().unwrap().starts_with("127.0.0.2:"));
+}
+
+#[test]
+fn repeated_failures_throttled() {
+    let policy = "api: {auth_failures: {max: 3, window_seconds: 60, block_seconds: 2}}\n";
+    let server = TestServer::start_with(Setup {
+        policy: policy.into(),
+    });
+
+    for _ in 0..3 {
+        let response = common::send_raw_from("127.0.0.1", &server.addr, &list().signed_at(1));
+        assert_eq!(response.status, 401);
+    }
+    // Even a valid request is refused while the address is blocked.
+    let response = common::send_raw_from("127.0.0.1", &server.addr, &list().signed());
+    assert_eq!(response.status, 429);
+    assert_eq!(response.error_code(), "too_many_failures");
+    let retry: u64 = response
+        .headers
+        .iter()
+        .find(|(n, _)| n == "retry-after")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+
+    // Another address is not affected.
+    assert_eq!(
+        common::send_raw_from("127.0.0.3", &server.addr, &list().signed()).status,
+        200
+    );
+
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(
+        common::send_raw_from("127.0.0.1", &server.addr, &list().signed()).status,
+        200,
+        "the block ends"
+    );
+    assert_eq!(
+        server
+            .audit()
+            .iter()
+            .filter(|e| e["kind"] == "auth_throttled")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn invalid_api_policy_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    for (policy, expected) in [
+        ("api: {ip_allow: [10.0.0.0/33]}\n", "api.ip_allow[0]"),
+        ("api: {ip_allow: [example.com]}\n", "api.ip_allow[0]"),
+        ("api: {auth_failures: {max: 0}}\n", "api.auth_failures.max"),
+    ] {
+        let file = dir.path().join("policy.yaml");
+        std::fs::write(&file, policy).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(["policy", "check"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{policy}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(expected),
+            "{policy}"
+        );
+    }
+}
+
+/// Writes a test CA and a certificate for 127.0.0.1 signed by it; returns
+/// the CA certificate (DER).
+fn certificates(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    ca.der().clone()
+}
+
+#[test]
+fn tls_round_trip() {
+    let mut server = TestServer::start();
+    let ca = certificates(server.dir.path());
+    let cert = server.dir.path().join("server.pem");
+    let key = server.dir.path().join("server.key");
+    server.stop();
+    server.extra_args = vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    server.spawn();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(&server.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let stream = rustls::StreamOwned::new(connection, tcp);
+
+    let response = common::exchange(stream, &server.addr, &list().signed());
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let mut plain = std::net::TcpStream::connect(&server.addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "plain HTTP must not be served"
+    );
+}
+
+#[test]
+fn readable_tls_key_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    std::fs::set_permissions(
+        dir.path().join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args([
+            "serve",
+            "--config",
+            "policy.yaml",
+            "--data",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--tls-cert", "server.pem", "--tls-key", "server.key"])
+        .current_dir(dir.path())
+        .env("APEX_SHARED_KEY", common::KEY)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("chmod 600"));
+}
