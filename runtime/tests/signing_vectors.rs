@@ -16,6 +16,8 @@ struct Vector {
     body_sha256: String,
     string_to_sign: String,
     signature: String,
+    /// False for a case whose signature must not verify.
+    valid: bool,
 }
 
 fn load(file: &str) -> Vec<Vector> {
@@ -54,6 +56,7 @@ fn load(file: &str) -> Vec<Vector> {
                 body_sha256: field(v, "body_sha256"),
                 string_to_sign: field(v, "string_to_sign"),
                 signature: field(v, "signature"),
+                valid: v.get("valid").and_then(Value::as_bool).unwrap_or(true),
             }
         })
         .collect();
@@ -117,9 +120,61 @@ fn reference_vectors_verify() {
     }
 }
 
+/// Checks that a failing case's request and string to sign are consistent,
+/// and that its signature does not verify.
+fn check_failing(vector: &Vector) {
+    let label = &vector.label;
+    assert_eq!(
+        sha256_hex(&vector.body),
+        vector.body_sha256,
+        "{label}: body digest"
+    );
+    let text = string_to_sign(
+        &vector.ts,
+        &vector.method,
+        &vector.target,
+        &vector.nonce,
+        &vector.body,
+    );
+    assert_eq!(text, vector.string_to_sign, "{label}: string to sign");
+    assert_ne!(
+        sign(vector.key.as_bytes(), &text),
+        vector.signature,
+        "{label}: must not match"
+    );
+
+    let request = SignedRequest {
+        ts: &vector.ts,
+        signature: &vector.signature,
+        nonce: &vector.nonce,
+        method: &vector.method,
+        target: &vector.target,
+        body: &vector.body,
+        key_id: "default",
+    };
+    let verifier = Verifier::new(vector.key.as_bytes().to_vec(), 0);
+    assert!(
+        verifier.verify(&request, vector.ts.parse().unwrap()).is_err(),
+        "{label}: must be rejected"
+    );
+}
+
+#[test]
+fn failing_cases_rejected() {
+    let vectors = load("extra-signing-vectors.json");
+    let failing: Vec<&Vector> = vectors.iter().filter(|v| !v.valid).collect();
+    assert!(failing.len() >= 5, "the failing cases are present");
+    for vector in failing {
+        check_failing(vector);
+    }
+}
+
 #[test]
 fn extra_vectors_verify() {
-    let vectors = load("extra-signing-vectors.json");
+    let vectors: Vec<Vector> = load("extra-signing-vectors.json")
+        .into_iter()
+        .filter(|v| v.valid)
+        .collect();
     let targets: Vec<&str> = vectors.iter().map(|v| v.target.as_str()).collect();
     assert!(targets.contains(&"/v1/plugins?"), "a bare `?` query is covered");
     assert!(
