@@ -222,6 +222,18 @@ pub struct ApiPolicy {
     pub failures_window: Duration,
     /// How long an address is blocked; its requests get 429.
     pub block: Duration,
+    /// A reverse proxy whose client-address header is believed.
+    pub trusted_proxy: Option<TrustedProxy>,
+}
+
+/// A reverse proxy in front of the API (`api.trusted_proxy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedProxy {
+    /// Header carrying the client address, such as `X-Forwarded-For`; the
+    /// last address in it (the one the proxy added) is used.
+    pub header: String,
+    /// Networks the proxy connects from; the header is ignored from anywhere else.
+    pub from: Vec<IpNet>,
 }
 
 /// An IP network in CIDR form, such as `127.0.0.1/32` or `fd00::/8`.
@@ -305,6 +317,14 @@ struct RawApi {
     ip_allow: Option<Vec<String>>,
     #[serde(default)]
     auth_failures: RawAuthFailures,
+    trusted_proxy: Option<RawTrustedProxy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrustedProxy {
+    header: String,
+    from: Vec<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -793,7 +813,42 @@ impl Checker<'_> {
         Ok((amount << unit_shift) as usize)
     }
 
+    fn networks(&self, key: &str, entries: &[String]) -> Result<Vec<IpNet>, PolicyError> {
+        let mut nets = Vec::new();
+        for (index, entry) in entries.iter().enumerate() {
+            let net = IpNet::parse(entry.trim()).ok_or_else(|| {
+                self.error(
+                    format!("{key}[{index}]"),
+                    format!("{entry:?} is not a network such as 127.0.0.1/32 or fd00::/8"),
+                )
+            })?;
+            nets.push(net);
+        }
+        Ok(nets)
+    }
+
     fn api(&self, raw: &RawApi) -> Result<ApiPolicy, PolicyError> {
+        let trusted_proxy = match &raw.trusted_proxy {
+            None => None,
+            Some(proxy) => {
+                if axum::http::HeaderName::from_bytes(proxy.header.as_bytes()).is_err() {
+                    return Err(self.error(
+                        "api.trusted_proxy.header",
+                        format!("{:?} is not a header name", proxy.header),
+                    ));
+                }
+                if proxy.from.is_empty() {
+                    return Err(self.error(
+                        "api.trusted_proxy.from",
+                        "list the networks the proxy connects from",
+                    ));
+                }
+                Some(TrustedProxy {
+                    header: proxy.header.to_ascii_lowercase(),
+                    from: self.networks("api.trusted_proxy.from", &proxy.from)?,
+                })
+            }
+        };
         let ip_allow = match &raw.ip_allow {
             None => None,
             Some(entries) => {
@@ -830,6 +885,7 @@ impl Checker<'_> {
                 raw.auth_failures.block_seconds,
                 60,
             )?,
+            trusted_proxy,
         })
     }
 

@@ -208,3 +208,36 @@ fn readable_tls_key_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("chmod 600"));
 }
+
+#[test]
+fn trusted_proxy_header_only_from_proxy() {
+    // The header value is only text here; no traffic goes to that address.
+    let policy =
+        "api:\n  ip_allow: [10.9.9.9/32]\n  trusted_proxy: {header: X-Forwarded-For, from: [127.0.0.1/32]}\n";
+    let server = TestServer::start_with(Setup {
+        policy: policy.into(),
+    });
+
+    let forwarded = || list().header("X-Forwarded-For", "192.0.2.1, 10.9.9.9").signed();
+    assert_eq!(
+        common::send_raw_from("127.0.0.1", &server.addr, &forwarded()).status,
+        200,
+        "the proxy's header is believed"
+    );
+    assert_eq!(
+        common::send_raw_from("127.0.0.1", &server.addr, &list().signed()).status,
+        403,
+        "without it, the proxy itself is outside"
+    );
+    assert_eq!(
+        common::send_raw_from("127.0.0.2", &server.addr, &forwarded()).status,
+        403,
+        "a header from anyone but the proxy is ignored"
+    );
+    let spoofed = list().header("X-Forwarded-For", "10.9.9.9, 192.0.2.7").signed();
+    assert_eq!(
+        common::send_raw_from("127.0.0.1", &server.addr, &spoofed).status,
+        403,
+        "only the last entry counts"
+    );
+}

@@ -1,6 +1,6 @@
 //! The authentication layer in front of every `/v1` route.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::auth::{AuthError, HEADER_KEY_ID, HEADER_NONCE, HEADER_SIG, HEADER_TS, SignedRequest};
 use crate::keys::{DEFAULT_KEY_ID, Key, Scope, is_valid_key_id};
+use crate::policy::ApiPolicy;
 
 /// Maximum length of a request target written to logs and the audit log, in bytes.
 const MAX_LOGGED_TARGET: usize = 200;
@@ -85,12 +86,18 @@ pub async fn authenticate(
     let span = tracing::info_span!("request", %method, target = %logged_target, %remote);
 
     async move {
+        // The client address: the TCP peer, or what a trusted proxy reports.
+        let client = client_address(&state.grants.policy.api, remote, &parts.headers);
+
         // Checked before any signature work: the address, then its block.
         if let Some(networks) = &state.grants.policy.api.ip_allow
-            && !networks.iter().any(|net| net.contains(remote.ip()))
+            && !networks.iter().any(|net| net.contains(client))
         {
-            tracing::warn!(%remote, "request from an address outside api.ip_allow");
-            state.audit.record("ip_denial", serde_json::json!({ "remote": remote.to_string(), "target": logged_target }));
+            tracing::warn!(%remote, %client, "request from an address outside api.ip_allow");
+            state.audit.record(
+                "ip_denial",
+                serde_json::json!({ "remote": remote.to_string(), "client": client.to_string(), "target": logged_target }),
+            );
             return ApiError::new(
                 StatusCode::FORBIDDEN,
                 "address_not_allowed",
@@ -98,7 +105,7 @@ pub async fn authenticate(
             )
             .into_response();
         }
-        if let Some(remaining) = state.throttle.blocked(remote.ip(), std::time::Instant::now()) {
+        if let Some(remaining) = state.throttle.blocked(client, std::time::Instant::now()) {
             let seconds = remaining.as_secs().max(1);
             let mut response = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -136,7 +143,7 @@ pub async fn authenticate(
                     "target": logged_target,
                 }),
             );
-            if state.throttle.fail(remote.ip(), std::time::Instant::now()) {
+            if state.throttle.fail(client, std::time::Instant::now()) {
                 tracing::warn!(%remote, "blocking an address after repeated authentication failures");
                 state.audit.record("auth_throttled", serde_json::json!({ "remote": remote.to_string() }));
             }
@@ -267,6 +274,26 @@ async fn read_body(
             ),
         )),
     }
+}
+
+/// Returns the client's address: the TCP peer's, unless the peer is the
+/// trusted proxy, whose header then names the client (its last entry, which
+/// the proxy itself added).
+fn client_address(api: &ApiPolicy, remote: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    let Some(proxy) = &api.trusted_proxy else {
+        return remote.ip();
+    };
+    if !proxy.from.iter().any(|net| net.contains(remote.ip())) {
+        return remote.ip();
+    }
+    headers
+        .get_all(proxy.header.as_str())
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .next_back()
+        .and_then(|last| last.trim().parse::<IpAddr>().ok())
+        .unwrap_or(remote.ip())
 }
 
 /// The key that signed a request, for handlers.
