@@ -16,9 +16,33 @@ pub struct Grants {
     pub egress: Arc<Egress>,
     /// Runs shell calls under `shell_allow`.
     pub shell: Arc<Shell>,
+    /// Values for `wasi:config/store`.
+    pub config: Vec<(String, String)>,
 }
 
 impl Grants {
+    /// Builds the grants `plugin` runs under: the global policy narrowed by
+    /// the plugin's section, with its configuration values and injections.
+    ///
+    /// # Errors
+    ///
+    /// As [`Grants::new`].
+    pub fn for_plugin(
+        global: &Policy,
+        plugin: &str,
+        shell_home: std::path::PathBuf,
+    ) -> Result<Grants, EgressError> {
+        let mut grants = Grants::new(global.for_plugin(plugin), shell_home)?;
+        if let Some(section) = global.plugins.get(plugin) {
+            grants.config = section
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
+        Ok(grants)
+    }
+
     /// Builds the grants of `policy`; shell children get `shell_home`, an
     /// empty directory tasks cannot write, as their home.
     ///
@@ -45,6 +69,7 @@ impl Grants {
             policy,
             egress,
             shell,
+            config: Vec::new(),
         })
     }
 }

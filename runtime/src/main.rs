@@ -320,6 +320,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             };
             let policy = apex::server::load_policy(&path, protected)?;
             print_out(&policy.describe());
+            print_out(&policy.describe_plugins());
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen => {

@@ -193,7 +193,24 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         policy.api.failures_window,
         policy.api.block,
     );
-    let grants = Grants::new(policy, shell_home).context("invalid network section in the policy")?;
+    // Plugins named in a section or an injection get grants of their own.
+    let mut named: Vec<String> = policy.plugins.keys().cloned().collect();
+    named.extend(
+        policy
+            .network
+            .inject
+            .iter()
+            .flat_map(|i| i.plugins.iter().cloned()),
+    );
+    let mut plugin_grants = std::collections::HashMap::new();
+    for plugin in named {
+        let grants = Grants::for_plugin(&policy, &plugin, shell_home.clone())
+            .with_context(|| format!("invalid network section for plugin {plugin}"))?;
+        plugin_grants.insert(plugin, Arc::new(grants));
+    }
+    let grants = Arc::new(
+        Grants::for_plugin(&policy, "", shell_home).context("invalid network section in the policy")?,
+    );
     audit.record(
         "server_start",
         json!({ "listen": local.to_string(), "plugins": registry.records().len() }),
@@ -201,6 +218,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         engine,
         grants,
+        plugin_grants,
         registry,
         verifier: Verifier::with_ring(ring, crate::unix_now()),
         audit,

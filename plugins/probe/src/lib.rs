@@ -12,6 +12,7 @@
 //! - `resolve` `{"host": NAME}`: looks a name up.
 //! - `print` `{"bytes": N, "byte": B}`: writes N bytes of value B (default
 //!   `x`) to stdout and N to stderr.
+//! - `config` `{"path": KEY}`: reads KEY from `wasi:config/store`.
 //! - `fail` `{"message": M}`: returns an error.
 //! - `echo`: returns the input text unchanged.
 
@@ -121,6 +122,13 @@ impl Guest for Probe {
                     .map_err(|e| e.to_string())?;
                 std::io::stderr().write_all(&chunk).map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "printed": bytes }).to_string())
+            }
+            "config" => {
+                let key = required(input.path, "path")?;
+                match wasi::config::store::get(&key) {
+                    Ok(value) => Ok(serde_json::json!({ "value": value }).to_string()),
+                    Err(e) => Err(format!("config {key}: {e:?}")),
+                }
             }
             "fail" => Err(input.message.unwrap_or_else(|| "failed on request".to_string())),
             "echo" => Ok(raw),

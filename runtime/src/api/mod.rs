@@ -37,8 +37,11 @@ use crate::store::is_valid_name;
 pub struct AppState {
     /// The engine that runs plugins.
     pub engine: Arc<Engine>,
-    /// The policy every run is confined by, and the capabilities built from it.
-    pub grants: Grants,
+    /// The global policy and the capabilities built from it; plugins without
+    /// a section of their own run under these.
+    pub grants: Arc<Grants>,
+    /// Grants of plugins with a section in the policy or an injection.
+    pub plugin_grants: std::collections::HashMap<String, Arc<Grants>>,
     /// The plugins.
     pub registry: Registry,
     /// Request signature checks.
@@ -60,6 +63,14 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Returns the grants `plugin` runs under.
+    pub fn grants_for(&self, plugin: &str) -> Arc<Grants> {
+        self.plugin_grants
+            .get(plugin)
+            .cloned()
+            .unwrap_or_else(|| self.grants.clone())
+    }
+
     /// Reloads the key ring from its source. A ring that fails to load
     /// leaves the current one in place.
     ///

@@ -219,7 +219,12 @@ async fn execute(
             };
             let outcome = state
                 .engine
-                .run(&plugin.compiled, run, &state.grants, cancelled)
+                .run(
+                    &plugin.compiled,
+                    run,
+                    &state.grants_for(&record.plugin),
+                    cancelled,
+                )
                 .await;
             drop(slot);
             outcome

@@ -183,6 +183,7 @@ pub struct RunState {
     http: WasiHttpCtx,
     hooks: HttpHooks,
     shell: ShellCalls,
+    config: wasmtime_wasi_config::WasiConfigVariables,
     table: ResourceTable,
     limiter: RunLimiter,
 }
@@ -234,6 +235,9 @@ impl Engine {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         crate::shell::add_to_linker(&mut linker, |state: &mut RunState| &mut state.shell)?;
+        wasmtime_wasi_config::add_to_linker(&mut linker, |state: &mut RunState| {
+            wasmtime_wasi_config::WasiConfig::from(&state.config)
+        })?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let stop = ticker_stop.clone();
@@ -389,6 +393,7 @@ impl Engine {
             http: WasiHttpCtx::new(),
             hooks: grants.egress.hooks(&request.plugin, decisions.clone()),
             shell: grants.shell.for_run(&request.plugin, decisions.clone()),
+            config: grants.config.iter().cloned().collect(),
             table: ResourceTable::new(),
             limiter: RunLimiter::new(policy.limits.memory_bytes),
         };

@@ -28,6 +28,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpH
 
 use super::rules::{HostRule, RequestHost, classify_host, non_public_reason};
 use crate::decision::{Decision, Decisions};
+use crate::policy::Injection;
 
 /// Errors in the `network` section of the policy, reported at startup.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,7 @@ pub enum EgressError {
 /// The outgoing-HTTP half of a policy, built once at startup.
 pub struct Egress {
     rules: Vec<HostRule>,
+    injections: Vec<Injection>,
     allow_private_addresses: bool,
     resolve: HashMap<String, IpAddr>,
     tls: tokio_rustls::TlsConnector,
@@ -59,6 +61,8 @@ pub struct Egress {
 pub struct EgressConfig<'a> {
     /// Parsed `network.http_allow_domains`.
     pub rules: Vec<HostRule>,
+    /// Headers to add to requests to given hosts.
+    pub injections: Vec<Injection>,
     /// `network.allow_private_addresses`.
     pub allow_private_addresses: bool,
     /// `network.resolve`, with normalised names.
@@ -114,6 +118,7 @@ impl Egress {
 
         Ok(Egress {
             rules: config.rules,
+            injections: config.injections,
             allow_private_addresses: config.allow_private_addresses,
             resolve: config.resolve,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
@@ -318,6 +323,23 @@ impl Egress {
         let (mut sender, connection) = tokio::time::timeout(connect_timeout, handshake)
             .await
             .map_err(|_| HttpError::ConnectionTimeout)??;
+
+        // Secrets go in only now, after every check, to the host they are for;
+        // they replace any header of that name the task set.
+        if let RequestHost::Name(name) = &destination.host {
+            let default_port = if destination.tls { 443 } else { 80 };
+            for injection in &self.injections {
+                if &injection.host == name && injection.port.unwrap_or(default_port) == destination.port {
+                    let (Ok(header), Ok(value)) = (
+                        http::HeaderName::from_bytes(injection.header.as_bytes()),
+                        http::HeaderValue::from_str(&injection.value),
+                    ) else {
+                        continue;
+                    };
+                    request.headers_mut().insert(header, value);
+                }
+            }
+        }
 
         // Only the path and query go on the request line; the authority is in `Host`.
         let path = uri.path_and_query().map_or("/", |p| p.as_str());

@@ -16,6 +16,7 @@ use crate::policy::Policy;
 pub fn egress_for(policy: &Policy) -> Result<Egress, EgressError> {
     Egress::new(EgressConfig {
         rules: policy.network.http_allow.clone(),
+        injections: policy.network.inject.clone(),
         allow_private_addresses: policy.network.allow_private_addresses,
         resolve: policy.network.resolve.clone(),
         ca_file: policy.network.ca_file.as_deref(),

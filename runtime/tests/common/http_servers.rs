@@ -17,6 +17,7 @@ pub const HELLO: &str = "hello from the test server";
 pub struct LocalServer {
     pub port: u16,
     requests: Arc<AtomicUsize>,
+    headers: Arc<std::sync::Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -62,16 +63,17 @@ impl LocalServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
+        let headers = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
 
-        let (count, stopping) = (requests.clone(), stop.clone());
+        let (count, stopping, seen) = (requests.clone(), stop.clone(), headers.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stopping.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
-                let (count, tls) = (count.clone(), tls.clone());
+                let (count, tls, seen) = (count.clone(), tls.clone(), seen.clone());
                 std::thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
                     match tls {
@@ -80,17 +82,27 @@ impl LocalServer {
                                 return;
                             };
                             let mut tls_stream = rustls::StreamOwned::new(connection, stream);
-                            serve_one(&mut tls_stream, &count);
+                            serve_one(&mut tls_stream, &count, &seen);
                         }
                         None => {
                             let mut stream = stream;
-                            serve_one(&mut stream, &count);
+                            serve_one(&mut stream, &count, &seen);
                         }
                     }
                 });
             }
         });
-        LocalServer { port, requests, stop }
+        LocalServer {
+            port,
+            requests,
+            headers,
+            stop,
+        }
+    }
+
+    /// Returns every header line the server received, lower-cased names.
+    pub fn header_lines(&self) -> Vec<String> {
+        self.headers.lock().unwrap().clone()
     }
 
     /// Returns how many requests reached the server.
@@ -106,7 +118,11 @@ impl Drop for LocalServer {
     }
 }
 
-fn serve_one<S: std::io::Read + Write>(stream: &mut S, count: &AtomicUsize) {
+fn serve_one<S: std::io::Read + Write>(
+    stream: &mut S,
+    count: &AtomicUsize,
+    seen: &std::sync::Mutex<Vec<String>>,
+) {
     let mut reader = BufReader::new(&mut *stream);
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() || request_line.is_empty() {
@@ -117,7 +133,14 @@ fn serve_one<S: std::io::Read + Write>(stream: &mut S, count: &AtomicUsize) {
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) if line == "\r\n" => break,
-            Ok(_) => {}
+            Ok(_) => {
+                let line = line.trim_end();
+                let recorded = match line.split_once(':') {
+                    Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+                    None => line.to_string(),
+                };
+                seen.lock().unwrap().push(recorded);
+            }
         }
     }
     count.fetch_add(1, Ordering::SeqCst);

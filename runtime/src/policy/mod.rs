@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod plugins;
+
+pub use self::plugins::{Injection, PluginGrant};
 use crate::net::rules::{HostRule, normalize_name};
 use crate::shell::rules::ShellEntry;
 
@@ -151,6 +154,8 @@ pub struct NetworkPolicy {
     pub resolve: HashMap<String, IpAddr>,
     /// Extra trusted CA certificates, PEM (`ca_file`).
     pub ca_file: Option<PathBuf>,
+    /// Headers added to plugins' requests (`inject`).
+    pub inject: Vec<Injection>,
 }
 
 /// Default deadline of a plugin run, shell call and HTTP request, in seconds.
@@ -209,6 +214,8 @@ pub struct Policy {
     pub retention: Retention,
     /// Who may reach the API, and how authentication failures are throttled.
     pub api: ApiPolicy,
+    /// Per-plugin sections, by plugin name.
+    pub plugins: BTreeMap<String, PluginGrant>,
 }
 
 /// The `api` section.
@@ -309,6 +316,8 @@ struct RawPolicy {
     retention: RawRetention,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    plugins: BTreeMap<String, plugins::RawPluginGrant>,
 }
 
 #[derive(Default, Deserialize)]
@@ -364,6 +373,8 @@ struct RawNetwork {
     #[serde(default)]
     resolve: BTreeMap<String, String>,
     ca_file: Option<String>,
+    #[serde(default)]
+    inject: Vec<plugins::RawInjection>,
 }
 
 #[derive(Default, Deserialize)]
@@ -459,6 +470,7 @@ impl Policy {
             limits: RawLimits::default(),
             retention: RawRetention::default(),
             api: RawApi::default(),
+            plugins: BTreeMap::new(),
         });
 
         let checker = Checker { source };
@@ -476,7 +488,7 @@ impl Policy {
         let network = checker.network(base, &raw.network, &domains)?;
         let shell = checker.shell(&shell_allow, shell_path, &raw.shell_env, &paths_allow)?;
 
-        Ok(Policy {
+        let mut policy = Policy {
             source: source.to_path_buf(),
             sha256,
             shell_allow,
@@ -491,7 +503,11 @@ impl Policy {
                 runs_days: checker.days("retention.runs_days", raw.retention.runs_days, 30)?,
                 audit_days: checker.days("retention.audit_days", raw.retention.audit_days, 365)?,
             },
-        })
+            plugins: BTreeMap::new(),
+        };
+        policy.network.inject = checker.injections(&raw.network.inject)?;
+        policy.plugins = checker.plugin_grants(base, &raw.plugins, &policy)?;
+        Ok(policy)
     }
 
     /// Describes the capabilities this policy grants, one per line, for
@@ -1087,6 +1103,7 @@ impl Checker<'_> {
             allow_private_addresses: raw.allow_private_addresses,
             resolve,
             ca_file,
+            inject: Vec::new(),
         })
     }
 }
