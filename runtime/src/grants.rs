@@ -1,4 +1,4 @@
-//! What runs may use, built once from the policy at startup: the policy
+//! Capabilities of runs, built once from the policy at startup: the policy
 //! itself, the outgoing-HTTP sender and the shell host.
 
 use std::sync::Arc;

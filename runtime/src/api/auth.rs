@@ -305,9 +305,9 @@ pub struct Caller {
 
 /// Checks that `key` may make a request of `method` to `path`.
 ///
-/// Uploading, deleting and reloading keys need `admin`; running and
-/// cancelling need `run` (and, for a run, a plugin the key may run);
-/// everything else needs `read`.
+/// Uploading, deleting and reloading keys need `admin`. Running and
+/// cancelling need `run`, and a run also needs a plugin the key may run.
+/// Everything else needs `read`.
 fn check_scope(key: &Key, method: &Method, path: &str) -> Result<(), String> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (scope, plugin) = match (method, segments.as_slice()) {
