@@ -349,7 +349,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for 
 ///
 /// # Errors
 ///
-/// Fails when a file cannot be read or holds no certificate or key.
+/// Fails when a file cannot be read or contains no certificate or key.
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,

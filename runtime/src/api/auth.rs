@@ -160,7 +160,7 @@ pub async fn authenticate(
         }
 
         let limit = state.body_limit(&parts.method);
-        let (body, _reservation) = match read_body(body, &parts.headers, limit, &state.body_budget).await {
+        let (body, _reservation) = match read_body(body, &parts.method, &parts.headers, limit, &state.body_budget).await {
             Ok(read) => read,
             Err(error) => return error.into_response(),
         };
@@ -206,17 +206,21 @@ pub async fn authenticate(
 /// as it arrives.
 async fn read_body(
     mut body: Body,
+    method: &Method,
     headers: &HeaderMap,
     limit: usize,
     budget: &BodyBudget,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ApiError> {
     let too_large = || {
+        let (what, key) = if method == Method::PUT {
+            ("component", "limits.upload_mib")
+        } else {
+            ("request body", "limits.input_kib")
+        };
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!(
-                "request body is larger than the {limit} bytes this route accepts (limits.upload_mib, limits.input_kib)"
-            ),
+            format!("the {what} is larger than the {limit} bytes allowed ({key})"),
         )
     };
     let busy = || {

@@ -196,18 +196,6 @@ async fn upload_plugin(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    let limit = state.grants.policy.limits.upload_bytes;
-    if body.len() > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "upload_too_large",
-            format!(
-                "component is {} bytes, more than the {} MiB allowed (limits.upload_mib)",
-                body.len(),
-                limit >> 20
-            ),
-        ));
-    }
 
     let record = match state.registry.upload(&name, body).await {
         Ok(record) => record,

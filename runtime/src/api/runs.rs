@@ -73,18 +73,6 @@ pub(super) async fn run_plugin(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    let limit = state.grants.policy.limits.input_bytes;
-    if body.len() > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "input_too_large",
-            format!(
-                "run request is {} bytes, more than the {} KiB allowed (limits.input_kib)",
-                body.len(),
-                limit >> 10
-            ),
-        ));
-    }
     let request: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
         RunBody {
             wait: true,

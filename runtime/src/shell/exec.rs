@@ -13,7 +13,7 @@ use super::rules::Plan;
 /// killed; a stream some other process keeps open must not hold the call.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What a finished call produced.
+/// Result of a finished call.
 #[derive(Debug)]
 pub struct Finished {
     /// Exit code, or -1 when a signal ended the child.
@@ -28,7 +28,7 @@ pub struct Finished {
     pub duration: Duration,
 }
 
-/// Why a call did not finish.
+/// Reason a call did not finish.
 #[derive(Debug)]
 pub enum ExecError {
     /// The program could not be started.
