@@ -583,3 +583,22 @@ fn timeout_message_names_the_key_used() {
         "{result}"
     );
 }
+
+#[test]
+fn each_request_logged_with_duration() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+    server.run("hello", json!({}));
+    let log = server.log();
+    let finished: Vec<&str> = log.lines().filter(|l| l.contains("request finished")).collect();
+    assert_eq!(finished.len(), 2, "{log}");
+    assert!(
+        finished[1].contains("status=200") && finished[1].contains("key_id=default"),
+        "{log}"
+    );
+    assert!(finished[1].contains("duration_ms="), "{log}");
+    assert!(
+        finished[1].contains("/v1/plugins/hello/run"),
+        "the span names the target: {log}"
+    );
+}

@@ -83,6 +83,7 @@ pub async fn authenticate(
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
     let logged_target = crate::truncate_text(&target, MAX_LOGGED_TARGET);
+    let started = std::time::Instant::now();
     let span = tracing::info_span!("request", %method, target = %logged_target, %remote);
 
     async move {
@@ -195,8 +196,16 @@ pub async fn authenticate(
         }
 
         let mut request = Request::from_parts(parts, Body::from(body));
+        let key_id = key.id.clone();
         request.extensions_mut().insert(Caller { key });
-        next.run(request).await
+        let response = next.run(request).await;
+        tracing::info!(
+            status = response.status().as_u16(),
+            %key_id,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request finished"
+        );
+        response
     }
     .instrument(span)
     .await
