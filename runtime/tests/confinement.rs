@@ -381,3 +381,54 @@ fn component_larger_than_run_budget_rejected_at_upload() {
     let message = response.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.contains("64"), "{message}");
 }
+
+#[test]
+fn file_denials_recorded_and_audited() {
+    let server = server_with_probe();
+    let work = server.work();
+    let secret = server.dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+    std::os::unix::fs::symlink(&secret, work.join("link-to-file")).unwrap();
+
+    let cases = [
+        (format!("{}/../secret.txt", work.display()), "`..`"),
+        (format!("{}/link-to-file", work.display()), "symlink"),
+    ];
+    for (path, reason) in cases {
+        let result = probe(&server, json!({ "op": "read", "path": path }));
+        assert_denied(&result, &path);
+        let decisions = result["decisions"].as_array().unwrap();
+        let denial = decisions
+            .iter()
+            .find(|d| d["capability"] == "file" && d["allowed"] == false)
+            .unwrap_or_else(|| panic!("no file denial for {path}: {result}"));
+        assert!(denial["reason"].as_str().unwrap().contains(reason), "{denial}");
+    }
+
+    let write = probe(
+        &server,
+        json!({ "op": "write", "path": server.ro().join("new.txt"), "text": "x" }),
+    );
+    assert_denied(&write, "writing into a read-only directory");
+    let denial = write["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["capability"] == "file")
+        .cloned();
+    assert!(
+        denial.is_some_and(|d| d["reason"].as_str().unwrap().contains("only reading")),
+        "{write}"
+    );
+
+    // A missing file inside the directory is an ordinary failure, not a denial.
+    let missing = probe(&server, json!({ "op": "read", "path": work.join("missing.txt") }));
+    assert_eq!(missing["decisions"], json!([]), "{missing}");
+
+    let audited = server
+        .audit()
+        .into_iter()
+        .filter(|e| e["kind"] == "policy_denial" && e["capability"] == "file")
+        .count();
+    assert_eq!(audited, 3);
+}

@@ -5,6 +5,7 @@
 //! component once (at upload or startup); [`Engine::run`] only instantiates
 //! and calls it.
 
+mod files;
 mod limiter;
 mod output;
 mod pool;
@@ -184,6 +185,7 @@ pub struct RunState {
     hooks: HttpHooks,
     shell: ShellCalls,
     config: wasmtime_wasi_config::WasiConfigVariables,
+    decisions: Decisions,
     table: ResourceTable,
     limiter: RunLimiter,
 }
@@ -233,6 +235,7 @@ impl Engine {
         let engine = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        files::wrap_open_at(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         crate::shell::add_to_linker(&mut linker, |state: &mut RunState| &mut state.shell)?;
         wasmtime_wasi_config::add_to_linker(&mut linker, |state: &mut RunState| {
@@ -394,6 +397,7 @@ impl Engine {
             hooks: grants.egress.hooks(&request.plugin, decisions.clone()),
             shell: grants.shell.for_run(&request.plugin, decisions.clone()),
             config: grants.config.iter().cloned().collect(),
+            decisions: decisions.clone(),
             table: ResourceTable::new(),
             limiter: RunLimiter::new(policy.limits.memory_bytes),
         };
