@@ -391,3 +391,29 @@ fn cli_lists_runs_logs_and_audit() {
     let json: Value = serde_json::from_str(&apex(&["runs", "--json"])).unwrap();
     assert_eq!(json["runs"][0]["run_id"], id.as_str());
 }
+
+#[test]
+fn json_log_format_writes_json_lines() {
+    let mut server = TestServer::start();
+    server.stop();
+    server.extra_args = vec!["--log-format".into(), "json".into()];
+    std::fs::write(server.dir.path().join("server.log"), "").unwrap();
+    server.spawn();
+    server.upload_plugin("hello");
+    server.run("hello", json!({ "input": { "name": "Ada" } }));
+
+    let log = server.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"] == "run finished"),
+        "{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"] == "request finished"),
+        "{log}"
+    );
+    assert!(!log.contains("Ada"), "inputs never reach the logs");
+}
