@@ -61,6 +61,7 @@ impl Grants {
         };
         let shell = Arc::new(Shell::new(
             rules,
+            policy.shell.confinement.clone(),
             policy.timeouts.shell,
             policy.limits.shell_output_bytes,
             policy.limits.max_shell_processes,

@@ -320,6 +320,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             };
             let policy = apex::server::load_policy(&path, protected)?;
             print_out(&policy.describe());
+            match policy.shell.confinement.probe().await {
+                Ok(what) => print_out(&format!("shell confinement: {what}\n")),
+                Err(reason) => print_out(&format!("shell confinement: unavailable ({reason})\n")),
+            }
             print_out(&policy.describe_plugins());
             Ok(ExitCode::SUCCESS)
         }

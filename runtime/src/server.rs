@@ -143,6 +143,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     for line in policy.describe().lines() {
         tracing::info!("{line}");
     }
+    match policy.shell.confinement.probe().await {
+        Ok(what) => tracing::info!("shell children are confined: {what}"),
+        Err(reason) if policy.shell.confinement.required => {
+            anyhow::bail!(
+                "shell_confinement is required, but shell children cannot be confined here: {reason}"
+            )
+        }
+        Err(reason) => tracing::warn!(
+            "shell children are NOT confined by the kernel ({reason}); set shell_confinement: required to refuse to start instead"
+        ),
+    }
 
     // Room for two maximal bodies; more waits, then gets a 503.
     let largest = policy.limits.upload_bytes.max(policy.limits.input_bytes);

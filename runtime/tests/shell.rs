@@ -566,3 +566,103 @@ fn shell_path_inside_allowed_rejected() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("shell_path[0]"));
 }
+
+/// Starts Apex whose shell allows `sh -c ` and `python3 -c `, so a child can
+/// try anything; only the kernel confinement stands in its way.
+fn open_shell() -> TestServer {
+    let policy =
+        "paths_allow:\n  - {WORK}\n  - {path: {RO}, mode: ro}\nshell_allow: [\"sh -c \", \"python3 -c \"]\n";
+    let server = TestServer::start_with(Setup {
+        policy: policy.into(),
+    });
+    server.upload_plugin("shell-run");
+    server
+}
+
+#[test]
+fn confined_child_cannot_read_outside() {
+    let server = open_shell();
+    let secret = server.dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+    std::os::unix::fs::symlink(&secret, server.work().join("link-out")).unwrap();
+    std::fs::write(server.work().join("inside.txt"), "fine").unwrap();
+
+    // The path hides inside one quoted argument, so only the kernel can stop it.
+    for command in [
+        format!("sh -c 'cat {}'", secret.display()),
+        "sh -c 'cat link-out'".to_string(),
+    ] {
+        let output = shell(&server, &command, None);
+        assert_ne!(output["exit_code"], 0, "{command}: {output}");
+        assert!(
+            !output["stdout"].as_str().unwrap().contains("top secret"),
+            "{command}: {output}"
+        );
+    }
+    let output = shell(&server, "sh -c 'cat inside.txt'", None);
+    assert_eq!(output["stdout"], "fine", "{output}");
+    let log = server.log();
+    assert!(log.contains("shell children are confined"), "{log}");
+}
+
+#[test]
+fn confined_child_cannot_write_read_only() {
+    let server = open_shell();
+    let target = server.ro().join("planted.txt");
+    let output = shell(&server, &format!("sh -c 'echo x > {}'", target.display()), None);
+    assert_ne!(output["exit_code"], 0, "{output}");
+    assert!(!target.exists());
+
+    let allowed = server.work().join("written.txt");
+    let output = shell(&server, &format!("sh -c 'echo x > {}'", allowed.display()), None);
+    assert_eq!(output["exit_code"], 0, "{output}");
+    assert!(allowed.exists());
+}
+
+#[test]
+fn confined_child_cannot_connect() {
+    let server = open_shell();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!("import socket; socket.create_connection((\"127.0.0.1\", {port}), timeout=5)");
+    let output = shell(&server, &format!("python3 -c '{script}'"), None);
+    assert_ne!(output["exit_code"], 0, "{output}");
+    assert!(
+        output["stderr"].as_str().unwrap().contains("Permission"),
+        "{output}"
+    );
+    assert!(listener.accept().is_err(), "no connection reached the listener");
+}
+
+#[test]
+fn required_confinement_refuses_to_start_without_support() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), "shell_confinement: required\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args([
+            "serve",
+            "--config",
+            "policy.yaml",
+            "--data",
+            "data",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir.path())
+        .env("APEX_SHARED_KEY", common::KEY)
+        .env("APEX_TEST_NO_LANDLOCK", "1")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("shell_confinement is required"), "{stderr}");
+
+    let check = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["policy", "check", "policy.yaml"])
+        .current_dir(dir.path())
+        .env("APEX_TEST_NO_LANDLOCK", "1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&check.stdout).contains("shell confinement: unavailable"));
+}

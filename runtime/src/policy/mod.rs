@@ -17,6 +17,7 @@ mod plugins;
 
 pub use self::plugins::{Injection, PluginGrant};
 use crate::net::rules::{HostRule, normalize_name};
+use crate::shell::confine::{ChildLimits, Confinement};
 use crate::shell::rules::ShellEntry;
 
 /// Errors found while loading a policy file.
@@ -127,6 +128,9 @@ pub struct ShellPolicy {
     pub search_path: Vec<PathBuf>,
     /// Environment variables added for every child (`shell_env`).
     pub env: BTreeMap<String, String>,
+    /// Kernel confinement of children (`shell_confinement`,
+    /// `shell_system_paths`, `shell_limits`).
+    pub confinement: Confinement,
 }
 
 /// Programs are looked up here when the policy sets no `shell_path`.
@@ -304,6 +308,10 @@ struct RawPolicy {
     shell_path: Option<Vec<serde_yaml_ng::Value>>,
     #[serde(default)]
     shell_env: BTreeMap<String, String>,
+    shell_confinement: Option<String>,
+    shell_system_paths: Option<Vec<String>>,
+    #[serde(default)]
+    shell_limits: RawShellLimits,
     #[serde(default)]
     paths_allow: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
@@ -318,6 +326,15 @@ struct RawPolicy {
     api: RawApi,
     #[serde(default)]
     plugins: BTreeMap<String, plugins::RawPluginGrant>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShellLimits {
+    cpu_seconds: Option<u64>,
+    memory_mib: Option<u64>,
+    file_mib: Option<u64>,
+    processes: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -464,6 +481,9 @@ impl Policy {
             shell_allow: Vec::new(),
             shell_path: None,
             shell_env: BTreeMap::new(),
+            shell_confinement: None,
+            shell_system_paths: None,
+            shell_limits: RawShellLimits::default(),
             paths_allow: Vec::new(),
             network: RawNetwork::default(),
             timeouts: RawTimeouts::default(),
@@ -505,6 +525,7 @@ impl Policy {
             },
             plugins: BTreeMap::new(),
         };
+        policy.shell.confinement = checker.confinement(&raw, policy.timeouts.shell)?;
         policy.network.inject = checker.injections(&raw.network.inject)?;
         policy.plugins = checker.plugin_grants(base, &raw.plugins, &policy)?;
         Ok(policy)
@@ -905,6 +926,55 @@ impl Checker<'_> {
         })
     }
 
+    fn confinement(&self, raw: &RawPolicy, shell_timeout: Duration) -> Result<Confinement, PolicyError> {
+        let required = match raw.shell_confinement.as_deref() {
+            None | Some("best_effort") => false,
+            Some("required") => true,
+            Some(other) => {
+                return Err(self.error(
+                    "shell_confinement",
+                    format!("{other:?} is not `required` or `best_effort`"),
+                ));
+            }
+        };
+        let written: Vec<String> = raw.shell_system_paths.clone().unwrap_or_else(|| {
+            crate::shell::confine::DEFAULT_SYSTEM_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .collect()
+        });
+        let mut system_paths = Vec::new();
+        for (index, path) in written.iter().enumerate() {
+            if !path.starts_with('/') {
+                return Err(self.error(
+                    format!("shell_system_paths[{index}]"),
+                    format!("{path:?} must be absolute"),
+                ));
+            }
+            system_paths.push(PathBuf::from(path));
+        }
+
+        let limits = &raw.shell_limits;
+        let count = |key, value, default, max| self.sized(key, value, default, max, 0, "");
+        let mib = |key, value, default, max| self.sized(key, value, default, max, 20, "MiB");
+        let cpu_default = shell_timeout.as_secs() + 5;
+        Ok(Confinement {
+            system_paths,
+            required,
+            limits: ChildLimits {
+                cpu_seconds: count(
+                    "shell_limits.cpu_seconds",
+                    limits.cpu_seconds,
+                    cpu_default,
+                    MAX_SECONDS,
+                )? as u64,
+                memory_bytes: mib("shell_limits.memory_mib", limits.memory_mib, 4096, 1 << 20)? as u64,
+                file_bytes: mib("shell_limits.file_mib", limits.file_mib, 1024, 1 << 20)? as u64,
+                processes: count("shell_limits.processes", limits.processes, 1024, 1 << 20)? as u64,
+            },
+        })
+    }
+
     fn days(&self, key: &str, value: Option<u64>, default: u64) -> Result<u64, PolicyError> {
         let days = value.unwrap_or(default);
         if days == 0 || days > 36_500 {
@@ -1041,6 +1111,7 @@ impl Checker<'_> {
             entries,
             search_path,
             env: shell_env.clone(),
+            confinement: Confinement::default(),
         })
     }
 

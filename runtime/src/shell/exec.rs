@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use super::confine::Prepared;
 use super::rules::Plan;
 
 /// How long output is still read after the child exited and its group was
@@ -64,6 +65,7 @@ pub async fn run(
     stdin: Option<Vec<u8>>,
     cap: usize,
     timeout: Duration,
+    confinement: Prepared,
 ) -> Result<Finished, ExecError> {
     let started = Instant::now();
     let mut command = command_for(plan);
@@ -81,6 +83,16 @@ pub async fn run(
         .kill_on_drop(true);
     #[cfg(unix)]
     command.process_group(0);
+    let mut confinement = Some(confinement);
+    // SAFETY: the closure runs in the child between `fork` and `exec`, where
+    // only async-signal-safe work is sound. It makes `setrlimit`, `prctl` and
+    // `landlock_restrict_self` system calls on a ruleset and limits prepared
+    // in the parent, and allocates only to report an error.
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || confinement.as_mut().map_or(Ok(()), Prepared::apply));
+    }
 
     let mut child = command.spawn().map_err(ExecError::Spawn)?;
     // With process_group(0) the group id is the child's process id.

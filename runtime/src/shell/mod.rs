@@ -4,6 +4,7 @@
 //! [`rules`] decides whether a call may run and how; [`exec`] runs it. Every
 //! call, allowed or denied, is logged and recorded as a decision of the run.
 
+pub mod confine;
 pub mod exec;
 pub mod rules;
 
@@ -14,8 +15,10 @@ use tokio::sync::Semaphore;
 use wasmtime::component::HasData;
 
 use self::bindings::apex::task::shell::{self as wit, Host};
+use self::confine::Confinement;
 use self::rules::ShellRules;
 use crate::decision::{Decision, Decisions};
+use crate::policy::PathMode;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -28,6 +31,7 @@ mod bindings {
 /// The shell half of a policy, built once at startup and shared by all runs.
 pub struct Shell {
     rules: ShellRules,
+    confinement: Confinement,
     timeout: Duration,
     output_cap: usize,
     processes: Semaphore,
@@ -35,9 +39,16 @@ pub struct Shell {
 
 impl Shell {
     /// Creates the shell host from the policy's rules and limits.
-    pub fn new(rules: ShellRules, timeout: Duration, output_cap: usize, max_processes: usize) -> Shell {
+    pub fn new(
+        rules: ShellRules,
+        confinement: Confinement,
+        timeout: Duration,
+        output_cap: usize,
+        max_processes: usize,
+    ) -> Shell {
         Shell {
             rules,
+            confinement,
             timeout,
             output_cap,
             processes: Semaphore::new(max_processes),
@@ -118,7 +129,39 @@ impl Host for ShellCalls {
             }
         };
         let argv = shell_words::join(&plan.argv);
-        let result = exec::run(&plan, options.stdin, self.shell.output_cap, self.shell.timeout).await;
+        let read_write: Vec<_> = self
+            .shell
+            .rules
+            .paths_allow
+            .iter()
+            .filter(|p| p.mode == PathMode::Rw)
+            .map(|p| p.path.clone())
+            .collect();
+        let mut read_only: Vec<_> = self
+            .shell
+            .rules
+            .paths_allow
+            .iter()
+            .filter(|p| p.mode == PathMode::Ro)
+            .map(|p| p.path.clone())
+            .collect();
+        read_only.push(self.shell.rules.home.clone());
+        let confinement = match self.shell.confinement.prepare(&read_write, &read_only) {
+            Ok(prepared) => prepared,
+            Err(reason) => {
+                tracing::error!(plugin = %self.plugin, %argv, %reason, "cannot confine a shell call");
+                self.record(argv, true, reason.clone(), None, None);
+                return Err(wit::Error::Failed(reason));
+            }
+        };
+        let result = exec::run(
+            &plan,
+            options.stdin,
+            self.shell.output_cap,
+            self.shell.timeout,
+            confinement,
+        )
+        .await;
 
         match result {
             Ok(finished) => {
