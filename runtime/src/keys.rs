@@ -306,11 +306,16 @@ fn resolve(keys_file: &Path, written: &str) -> PathBuf {
 ///
 /// Returns the message with the `chmod 600` fix.
 pub fn check_private(path: &Path, what: &str) -> Result<(), KeyError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| KeyError::Permissions(format!("cannot read {what} {}: {e}", path.display())))?
-        .permissions()
-        .mode();
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| KeyError::Permissions(format!("cannot read {what} {}: {e}", path.display())))?;
+    // NOTE: only Unix permission bits are checked; Windows ACLs are not.
+    #[cfg(not(unix))]
+    let mode = {
+        let _ = metadata;
+        0o600
+    };
+    #[cfg(unix)]
+    let mode = std::os::unix::fs::PermissionsExt::mode(&metadata.permissions());
     if mode & 0o077 != 0 {
         return Err(KeyError::Permissions(format!(
             "{what} {} is readable by group or others (mode {:o}); run `chmod 600 {}`",

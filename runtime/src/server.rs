@@ -394,12 +394,23 @@ pub fn tls_acceptor(
 /// Makes `dir` readable and searchable by its owner only, with no write
 /// permission, so a shell child that is not root cannot plant files there.
 fn restrict_to_reading(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500))
-        .with_context(|| format!("cannot restrict {}", dir.display()))
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500))
+            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
+/// Does nothing: there is no SIGHUP; reload keys through the API.
+#[cfg(not(unix))]
+fn spawn_reload_on_hangup(_state: Arc<AppState>) {}
+
 /// Reloads the keys file on SIGHUP.
+#[cfg(unix)]
 fn spawn_reload_on_hangup(state: Arc<AppState>) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; reload keys with POST /v1/keys/reload");
@@ -456,11 +467,16 @@ fn raise_open_file_limit() {
 
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler can be installed");
-    tokio::select! {
-        _ = interrupt => {}
-        _ = terminate.recv() => {}
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
     }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
     tracing::info!("shutting down");
 }

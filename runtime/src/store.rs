@@ -301,15 +301,22 @@ fn write_atomic(dir: &Dir, name: &str, data: &[u8]) -> io::Result<()> {
 
 /// Creates a directory readable only by its owner, or tightens an existing one.
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    #[cfg_attr(not(unix), allow(unused_mut))]
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
 
-    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+    match builder.create(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {
-            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-            if mode != 0o700 {
-                tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "restricting directory to its owner (mode 700)");
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+                if mode != 0o700 {
+                    tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "restricting directory to its owner (mode 700)");
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+                }
             }
             Ok(())
         }

@@ -377,8 +377,14 @@ pub fn new_run_id() -> String {
 }
 
 fn restrict_to_owner(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot restrict the history database to its owner");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot restrict the history database to its owner");
+        }
     }
+    // NOTE: on other systems the database keeps the directory's default access.
+    #[cfg(not(unix))]
+    let _ = path;
 }

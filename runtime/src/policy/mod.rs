@@ -447,8 +447,10 @@ impl Policy {
 
         // Another hard link to the file, inside an allowed directory, would
         // let a task rewrite the policy the server loads next.
-        use std::os::unix::fs::MetadataExt;
-        let links = std::fs::metadata(&source).map_err(read_error)?.nlink();
+        #[cfg(unix)]
+        let links = std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(&source).map_err(read_error)?);
+        #[cfg(not(unix))]
+        let links = 1;
         if links > 1 {
             return Err(PolicyError::Value {
                 path: source,

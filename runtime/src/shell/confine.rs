@@ -42,6 +42,7 @@ pub struct Confinement {
 }
 
 /// A prepared restriction, moved into the child before `exec`.
+#[cfg_attr(not(unix), allow(dead_code))]
 pub struct Prepared {
     #[cfg(target_os = "linux")]
     ruleset: Option<landlock::RulesetCreated>,
@@ -175,13 +176,17 @@ impl Confinement {
         let prepared = strict.prepare(&[], &[])?;
         let mut command = tokio::process::Command::new("true");
         command.env_clear().env("PATH", "/usr/bin:/bin");
-        let mut prepared = Some(prepared);
-        // SAFETY: see `super::exec::run`: the closure only makes system calls.
         #[cfg(unix)]
-        #[allow(unsafe_code)]
-        unsafe {
-            command.pre_exec(move || prepared.as_mut().map_or(Ok(()), Prepared::apply));
+        {
+            let mut prepared = Some(prepared);
+            // SAFETY: see `super::exec::run`: the closure only makes system calls.
+            #[allow(unsafe_code)]
+            unsafe {
+                command.pre_exec(move || prepared.as_mut().map_or(Ok(()), Prepared::apply));
+            }
         }
+        #[cfg(not(unix))]
+        let _ = prepared;
         match command.status().await {
             Ok(status) if status.success() => Ok("Landlock (files and TCP) and resource limits".into()),
             Ok(status) => Err(format!("a confined test process failed ({status})")),

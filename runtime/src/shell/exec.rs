@@ -83,16 +83,20 @@ pub async fn run(
         .kill_on_drop(true);
     #[cfg(unix)]
     command.process_group(0);
-    let mut confinement = Some(confinement);
-    // SAFETY: the closure runs in the child between `fork` and `exec`, where
-    // only async-signal-safe work is sound. It makes `setrlimit`, `prctl` and
-    // `landlock_restrict_self` system calls on a ruleset and limits prepared
-    // in the parent, and allocates only to report an error.
     #[cfg(unix)]
-    #[allow(unsafe_code)]
-    unsafe {
-        command.pre_exec(move || confinement.as_mut().map_or(Ok(()), Prepared::apply));
+    {
+        let mut confinement = Some(confinement);
+        // SAFETY: the closure runs in the child between `fork` and `exec`,
+        // where only async-signal-safe work is sound. It makes `setrlimit`,
+        // `prctl` and `landlock_restrict_self` system calls on a ruleset and
+        // limits prepared in the parent, and allocates only to report an error.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || confinement.as_mut().map_or(Ok(()), Prepared::apply));
+        }
     }
+    #[cfg(not(unix))]
+    let _ = confinement;
 
     let mut child = command.spawn().map_err(ExecError::Spawn)?;
     // With process_group(0) the group id is the child's process id.
