@@ -64,7 +64,12 @@ fn narrowed_plugin_cannot_use_what_others_can() {
         json!({ "url": format!("http://b.test:{}/", upstream.port) }),
     );
     assert!(
-        denied["error"].as_str().unwrap().contains("HttpRequestDenied"),
+        denied["status"] == "failed"
+            && denied["decisions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["allowed"] == false),
         "{denied}"
     );
     let global = run(

@@ -34,8 +34,7 @@ fn fetch(server: &TestServer, input: Value) -> Value {
 /// denial is in the result, the audit log and the server log.
 fn assert_denied(server: &TestServer, result: &Value, reason: &str) {
     assert_eq!(result["status"], "failed", "{result}");
-    let error = result["error"].as_str().unwrap();
-    assert!(error.contains("HttpRequestDenied"), "{error}");
+    assert!(denied_by_host(result), "{result}");
 
     let denials: Vec<&Value> = result["decisions"]
         .as_array()
@@ -59,6 +58,19 @@ fn assert_denied(server: &TestServer, result: &Value, reason: &str) {
         server.log().contains("outgoing request denied"),
         "the denial is logged"
     );
+}
+
+/// Returns whether a failed fetch was denied by the host. The task usually
+/// sees the `HttpRequestDenied` error code; wstd sometimes reports the
+/// closed request body first, so the run's decisions are the authority.
+fn denied_by_host(result: &Value) -> bool {
+    let error = result["error"].as_str().unwrap_or_default();
+    let recorded = result["decisions"]
+        .as_array()
+        .is_some_and(|d| d.iter().any(|d| d["allowed"] == false));
+    result["status"] == "failed"
+        && recorded
+        && (error.contains("HttpRequestDenied") || error.contains("connection reset"))
 }
 
 fn allowed_private() -> &'static str {
@@ -134,10 +146,7 @@ fn wildcard_matches_subdomains_only() {
     for host in ["wild.test", "evilwild.test"] {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "failed", "{host}: {result}");
-        assert!(
-            result["error"].as_str().unwrap().contains("HttpRequestDenied"),
-            "{host}: {result}"
-        );
+        assert!(denied_by_host(&result), "{host}: {result}");
     }
     assert_eq!(upstream.requests(), 1);
 }
@@ -229,10 +238,7 @@ fn ip_literal_spellings_denied() {
     ] {
         let result = fetch(&server, json!({ "url": format!("http://{host}:{port}/") }));
         assert_eq!(result["status"], "failed", "{host}: {result}");
-        assert!(
-            result["error"].as_str().unwrap().contains("HttpRequestDenied"),
-            "{host}: {result}"
-        );
+        assert!(denied_by_host(&result), "{host}: {result}");
     }
     assert_eq!(upstream.requests(), 0);
 }
@@ -314,10 +320,7 @@ fn other_schemes_denied() {
     for scheme in ["ftp", "file", "gopher"] {
         let result = fetch(&server, json!({ "url": format!("{scheme}://api.test:{port}/") }));
         assert_eq!(result["status"], "failed", "{scheme}: {result}");
-        assert!(
-            result["error"].as_str().unwrap().contains("HttpRequestDenied"),
-            "{scheme}: {result}"
-        );
+        assert!(denied_by_host(&result), "{scheme}: {result}");
     }
     assert_eq!(upstream.requests(), 0);
 }

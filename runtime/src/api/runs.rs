@@ -140,11 +140,14 @@ pub(super) async fn run_plugin(
         error: None,
         decisions: Value::Array(Vec::new()),
     };
-    // A run that starts at once is written once, as running, when it starts;
-    // only a run that waits is written as queued first.
-    if !ticket.has_slot() {
-        state.history.queue(record.clone());
+    // The record is written before the response, so the run can be read at
+    // once. A run with a free slot is written as running, saving a write.
+    let mut record = record;
+    if ticket.has_slot() {
+        record.status = "running".into();
+        record.started_at_ms = Some(record.queued_at_ms);
     }
+    state.history.queue(record.clone());
     let cancel = state.in_flight.insert(&record.id);
     let run = RunRequest {
         plugin: name,
@@ -191,13 +194,10 @@ async fn execute(
     let outcome = match slot {
         None => RunOutcome::cancelled_before_start(),
         Some(slot) => {
-            let queued = !started_at_once;
-            record.started_at_ms = Some(now_ms());
-            record.status = "running".into();
-            if queued {
+            if !started_at_once {
+                record.started_at_ms = Some(now_ms());
+                record.status = "running".into();
                 state.history.start(&record.id);
-            } else {
-                state.history.queue(record.clone());
             }
             let cancelled = async move {
                 // A dropped sender (the run finished) is not a cancellation.
