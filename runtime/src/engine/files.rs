@@ -1,10 +1,10 @@
 //! Recording the file operations the host denies.
 //!
 //! wasmtime-wasi has no hook for filesystem decisions, so the host wraps
-//! `open-at` of `wasi:filesystem/types`: it calls the stock implementation
-//! and records a denial when the task tried to leave its preopened
-//! directories (through `..`, an absolute path or a symlink pointing out) or
-//! to write where it may only read.
+//! `open-at` of `wasi:filesystem/types` and calls the stock implementation.
+//! When the task tried to leave its preopened directories (through `..`, an
+//! absolute path or a symlink pointing out) or to write where it may only
+//! read, the wrapper records a denial.
 
 use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::filesystem::WasiFilesystemView;

@@ -3,11 +3,11 @@
 //!
 //! The allowlist decides which program starts; this bounds what it does
 //! then. Between `fork` and `exec` the child restricts itself with a Landlock
-//! ruleset the server prepared: read-write access to the read-write entries
-//! of `paths_allow`, read access to the read-only ones, read and execute
-//! access to the system directories a program needs, and no TCP `connect` or
-//! `bind` at all. It also sets limits on CPU time, address space, file size
-//! and processes.
+//! ruleset the server prepared. The ruleset grants read-write access to the
+//! read-write entries of `paths_allow`, read access to the read-only ones,
+//! and read and execute access to the system directories a program needs. It
+//! allows no TCP `connect` or `bind` at all. The child also sets limits on
+//! CPU time, address space, file size and processes.
 
 use std::path::PathBuf;
 
@@ -30,7 +30,7 @@ pub struct ChildLimits {
     pub processes: u64,
 }
 
-/// How shell children are confined.
+/// Confinement settings of shell children.
 #[derive(Debug, Clone, Default)]
 pub struct Confinement {
     /// Directories children may read and execute from.
@@ -122,8 +122,8 @@ impl Confinement {
 
 impl Prepared {
     /// Restricts the calling process. Runs in the child between `fork` and
-    /// `exec`, so it must not allocate or take locks; the ruleset and the
-    /// limits were prepared in the parent.
+    /// `exec`, where allocating or locking is unsound, so the ruleset and the
+    /// limits were prepared in the parent. It allocates only to report an error.
     ///
     /// # Errors
     ///
