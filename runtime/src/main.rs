@@ -132,9 +132,10 @@ enum Command {
     },
     /// List audit events, newest first.
     Audit {
-        /// Only events at or after this Unix time, in seconds.
+        /// Only events at or after this time: Unix seconds, or UTC as printed
+        /// in the table (`2026-12-04 22:54:28`) or RFC 3339.
         #[arg(long)]
-        since: Option<i64>,
+        since: Option<String>,
         /// Only events of this kind (auth_failure, policy_denial, plugin_upload, ...).
         #[arg(long)]
         kind: Option<String>,
@@ -225,6 +226,18 @@ fn check_name(name: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Parses `--since`: Unix seconds, or a UTC time such as `2026-12-04 22:54:28`
+/// or `2026-12-04T22:54:28Z`.
+fn parse_since(text: &str) -> anyhow::Result<u64> {
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(seconds);
+    }
+    let time = humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).with_context(|| {
+        format!("invalid --since {text:?}: give Unix seconds or a UTC time such as 2026-12-04 22:54:28")
+    })?;
+    Ok(time.duration_since(std::time::UNIX_EPOCH)?.as_secs())
 }
 
 /// Rejects a run id before it is put into a URL.
@@ -352,10 +365,19 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 (None, None) => Vec::new(),
             };
             let headers = sign_request(key.as_bytes(), &method, &target, &body);
-            print_out(&format!(
+            let mut lines = format!(
                 "X-TS: {}\nX-Nonce: {}\nX-SIG: {}\n",
                 headers.ts, headers.nonce, headers.signature
-            ));
+            );
+            if let Ok(id) = std::env::var("APEX_KEY_ID") {
+                if !apex::keys::is_valid_key_id(&id) {
+                    anyhow::bail!(
+                        "invalid APEX_KEY_ID {id:?}: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`"
+                    );
+                }
+                lines.push_str(&format!("X-Key-Id: {id}\n"));
+            }
+            print_out(&lines);
             Ok(ExitCode::SUCCESS)
         }
         Command::Upload { name, file } => {
@@ -453,7 +475,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let mut query = vec![format!("limit={limit}")];
             if let Some(since) = since {
-                query.push(format!("since={since}"));
+                query.push(format!("since={}", parse_since(&since)?));
             }
             if let Some(kind) = kind {
                 query.push(format!("kind={}", encode_query_value(&kind)));
@@ -472,5 +494,18 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     .await?,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_seconds_and_utc_times() {
+        assert_eq!(parse_since("1764806400").unwrap(), 1_764_806_400);
+        assert_eq!(parse_since("2025-12-04 00:00:00").unwrap(), 1_764_806_400);
+        assert_eq!(parse_since("2025-12-04T00:00:00Z").unwrap(), 1_764_806_400);
+        assert!(parse_since("yesterday").is_err());
     }
 }

@@ -197,7 +197,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         json!({ "keys": ring.ids(), "sha256": ring.file_sha256 }),
     );
     let shell_home = data.join("empty-home");
-    create_private_dir(&shell_home).with_context(|| format!("cannot create {}", shell_home.display()))?;
+    if !shell_home.exists() {
+        create_private_dir(&shell_home).with_context(|| format!("cannot create {}", shell_home.display()))?;
+    }
     restrict_to_reading(&shell_home)?;
     let throttle = Throttle::new(
         policy.api.failures_max,

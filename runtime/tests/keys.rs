@@ -322,3 +322,26 @@ fn dotenv_supplies_key_and_environment_wins() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn sign_command_names_key_from_environment() {
+    let server = start();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["sign", "GET", "/v1/plugins"])
+        .env("APEX_SHARED_KEY", READER)
+        .env("APEX_KEY_ID", "reader")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut request = Request::new("GET", "/v1/plugins", "");
+    for line in String::from_utf8(output.stdout).unwrap().lines() {
+        let (name, value) = line.split_once(": ").unwrap();
+        request = request.header(name, value);
+    }
+    assert_eq!(request.get_header("X-Key-Id"), "reader");
+    assert_eq!(server.send(&request).status, 200);
+}

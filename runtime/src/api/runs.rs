@@ -21,6 +21,17 @@ use crate::engine::{PluginKind, RunOutcome, RunRequest, RunStatus};
 use crate::history::{AuditQuery, RunQuery, RunRecord, new_run_id, now_ms};
 use crate::registry::LoadedPlugin;
 
+/// Every status a run can have.
+const RUN_STATUSES: [&str; 7] = [
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "interrupted",
+];
+
 /// Maximum length of a run's input kept in the history, in bytes.
 const MAX_RECORDED_INPUT: usize = 64 * 1024;
 
@@ -370,6 +381,14 @@ pub(super) async fn list_runs(
 ) -> Result<Json<Value>, ApiError> {
     check_query_keys(&params, &["plugin", "status", "limit", "before"])?;
     let limit = page_size(&params)?;
+    if let Some(status) = params.get("status")
+        && !RUN_STATUSES.contains(&status.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("status {status:?} is not one of {}", RUN_STATUSES.join(", ")),
+        ));
+    }
     let query = RunQuery {
         plugin: params.get("plugin").cloned(),
         status: params.get("status").cloned(),

@@ -55,12 +55,14 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Formats a cell: one line, so a multi-line error cannot break the table.
 fn text(value: &Value) -> String {
-    match value {
+    let text = match value {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
-    }
+    };
+    text.replace(['\n', '\r'], " ")
 }
 
 /// Formats the body of `GET /v1/runs` as a table.
@@ -155,6 +157,22 @@ pub fn run_logs(body: &Value) -> String {
             }
         }
     }
+    if let Some(decisions) = body["decisions"].as_array().filter(|d| !d.is_empty()) {
+        out.push_str("--- decisions\n");
+        for decision in decisions {
+            let verdict = if decision["allowed"] == true {
+                "allowed"
+            } else {
+                "DENIED"
+            };
+            out.push_str(&format!(
+                "{verdict} {} {}: {}\n",
+                text(&decision["capability"]),
+                text(&decision["target"]),
+                text(&decision["reason"])
+            ));
+        }
+    }
     if !body["output"].is_null() {
         out.push_str(&format!(
             "--- output\n{}\n",
@@ -174,6 +192,14 @@ mod tests {
         assert_eq!(format_time(1_764_806_400), "2025-12-04 00:00:00");
         assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(format_time_ms(1_764_806_461_999), "2025-12-04 00:01:01");
+    }
+
+    #[test]
+    fn cells_stay_on_one_line() {
+        let body = serde_json::json!({ "runs": [{ "run_id": "r1", "error": "first\nsecond" }] });
+        let out = runs_table(&body);
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(out.contains("first second"));
     }
 
     #[test]

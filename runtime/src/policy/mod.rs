@@ -585,7 +585,7 @@ impl Policy {
         out.push_str(&format!("  programs from: {}\n", search.join(":")));
         let names: Vec<&str> = self.shell.env.keys().map(String::as_str).collect();
         out.push_str(&format!(
-            "  child environment: PATH, HOME (an empty read-only directory), LANG{}{}\n",
+            "  child environment: PATH, LANG, PYTHONNOUSERSITE, and HOME, XDG_CONFIG_HOME and CURL_HOME (an empty read-only directory){}{}\n",
             if names.is_empty() { "" } else { ", " },
             names.join(", ")
         ));
