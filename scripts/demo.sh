@@ -17,6 +17,8 @@ printf 'Apex runs every task as a WebAssembly component.\nThe policy decides wha
 
 APEX_SHARED_KEY=${APEX_SHARED_KEY:-$("$apex" keygen)}
 export APEX_SHARED_KEY
+# The demo server knows only the shared key, `default`.
+unset APEX_KEY_ID
 
 log=$(mktemp -d)
 "$apex" serve --config config/policy.yaml --data data --listen 127.0.0.1:0 >"$log/stdout" 2>"$log/stderr" &
@@ -53,8 +55,8 @@ echo "==> running wordcount over $PWD/work"
 
 echo "==> the same run with curl and apex sign"
 body="{\"input\": {\"path\": \"$PWD/work\"}}"
-mapfile -t headers < <("$apex" sign POST /v1/plugins/wordcount/run --body "$body")
-curl -sS -X POST "$APEX_URL/v1/plugins/wordcount/run" \
-    -H "${headers[0]}" -H "${headers[1]}" -H "${headers[2]}" \
+headers=()
+while read -r line; do headers+=(-H "$line"); done < <("$apex" sign POST /v1/plugins/wordcount/run --body "$body")
+curl -sS -X POST "$APEX_URL/v1/plugins/wordcount/run" "${headers[@]}" \
     -H 'Content-Type: application/json' --data-binary "$body"
 echo
