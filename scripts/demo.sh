@@ -17,7 +17,7 @@ printf 'Apex runs every task as a WebAssembly component.\nThe policy decides wha
 
 APEX_SHARED_KEY=${APEX_SHARED_KEY:-$("$apex" keygen)}
 export APEX_SHARED_KEY
-# The demo server knows only the shared key, `default`.
+# The demo server accepts only the shared key, `default`.
 unset APEX_KEY_ID
 
 log=$(mktemp -d)

@@ -459,7 +459,7 @@ fn startup() -> (f64, f64) {
 }
 
 /// Runs `count` fetches at once against a local server that responds after
-/// one second; returns the wall time and the Apex server's peak RSS in MiB.
+/// one second. Returns the wall time and the Apex server's peak RSS in MiB.
 async fn waiting_runs(count: usize) -> (f64, f64) {
     let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let slow_port = slow.local_addr().unwrap().port();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 pub struct Decision {
     /// The capability: `http` or `shell`.
     pub capability: &'static str,
-    /// What the task asked for: `https://api.github.com:443`, or a command line.
+    /// Target the task requested: `https://api.github.com:443`, or a command line.
     pub target: String,
     /// Whether it was allowed.
     pub allowed: bool,

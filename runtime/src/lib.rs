@@ -1,8 +1,8 @@
 //! Apex: a task runtime where every task is a WebAssembly component.
 //!
 //! - [`policy`] loads the YAML policy that decides what tasks may touch.
-//! - [`auth`] signs and verifies API requests (HMAC-SHA256); [`keys`] holds
-//!   the keys that may sign and their scopes.
+//! - [`auth`] signs and verifies API requests (HMAC-SHA256).
+//! - [`keys`] contains the keys that may sign and their scopes.
 //! - [`engine`] compiles components and runs them under the policy.
 //! - [`net`] decides and sends the outgoing HTTP requests of tasks.
 //! - [`shell`] runs the commands `shell_allow` permits; [`decision`] records

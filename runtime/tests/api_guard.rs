@@ -165,7 +165,7 @@ fn tls_round_trip() {
         String::from_utf8_lossy(&response.body)
     );
 
-    // Plain HTTP to the TLS port gets no HTTP answer.
+    // Plain HTTP to the TLS port gets no HTTP response.
     let mut plain = std::net::TcpStream::connect(&server.addr).unwrap();
     plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     use std::io::{Read, Write};

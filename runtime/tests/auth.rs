@@ -175,7 +175,7 @@ fn declared_oversized_body_rejected_before_reading() {
         policy: "limits: {input_kib: 1}\n".into(),
     });
     let mut request = Request::new("POST", "/v1/plugins/x/run", "").signed();
-    // Claim more than the route accepts; the server answers without waiting.
+    // Claim more than the route accepts, so the server responds without waiting.
     request.body = Vec::new();
     let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
     stream

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::TestServer;
 
-/// Each client: the interpreter and its script.
+/// Returns each example client as its interpreter and script.
 fn clients() -> [(&'static str, std::path::PathBuf); 2] {
     let dir = common::repo_root().join("examples/clients");
     [

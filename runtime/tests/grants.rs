@@ -1,5 +1,5 @@
 //! Per-plugin grants, configuration values, and secrets injected into
-//! outgoing requests that the task never sees.
+//! outgoing requests that are never visible to the task.
 
 mod common;
 

@@ -61,8 +61,8 @@ fn assert_denied(server: &TestServer, result: &Value, reason: &str) {
 }
 
 /// Returns whether a failed fetch was denied by the host. The task usually
-/// sees the `HttpRequestDenied` error code; wstd sometimes reports the
-/// closed request body first, so the run's decisions are the authority.
+/// gets the `HttpRequestDenied` error code, but wstd sometimes reports the
+/// closed request body first, so the run's decisions decide.
 fn denied_by_host(result: &Value) -> bool {
     let error = result["error"].as_str().unwrap_or_default();
     let recorded = result["decisions"]

@@ -547,8 +547,8 @@ fn client_rejects_invalid_names_before_sending() {
 #[test]
 fn client_keeps_path_prefix_of_url() {
     let server = TestServer::start();
-    // No proxy strips the prefix here, so the server sees it and answers 404:
-    // what matters is that the client sent it and signed it.
+    // No proxy strips the prefix here, so the server gets it and returns 404.
+    // The test checks only that the client sent and signed it.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
         .args(["plugins"])
         .env("APEX_URL", format!("http://{}/prefix/", server.addr))

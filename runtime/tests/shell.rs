@@ -568,7 +568,7 @@ fn shell_path_inside_allowed_rejected() {
 }
 
 /// Starts Apex whose shell allows `sh -c ` and `python3 -c `, so a child can
-/// try anything; only the kernel confinement stands in its way.
+/// try anything. Only the kernel confinement stops it.
 fn open_shell() -> TestServer {
     let policy =
         "paths_allow:\n  - {WORK}\n  - {path: {RO}, mode: ro}\nshell_allow: [\"sh -c \", \"python3 -c \"]\n";

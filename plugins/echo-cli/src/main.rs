@@ -1,7 +1,7 @@
 //! A command plugin (it exports `wasi:cli/run`): prints its arguments and its
 //! standard input as one JSON line, then exits with the code given by
 //! `--exit N` (default 0). WASI 0.2 reports only success or failure, so the
-//! host sees any non-zero code as 1. Used by the tests to check how command
+//! host gets any non-zero code as 1. Used by the tests to check how command
 //! plugins run.
 
 use std::io::Read;

@@ -7,7 +7,7 @@
 //! - `sleep` `{"ms": N}`: waits in a host call.
 //! - `alloc` `{"mib": N}`: allocates and touches N MiB.
 //! - `read` `{"path": P}`, `write` `{"path": P, "text": T}`, `list` `{"path": P}`.
-//! - `env`: returns the environment variables the task sees.
+//! - `env`: returns the task's environment variables.
 //! - `connect` `{"addr": "HOST:PORT"}`: opens a TCP connection.
 //! - `resolve` `{"host": NAME}`: looks a name up.
 //! - `print` `{"bytes": N, "byte": B}`: writes N bytes of value B (default

@@ -11,7 +11,7 @@ pub struct ApiError {
     pub status: StatusCode,
     /// Stable machine-readable code.
     pub code: &'static str,
-    /// Human-readable message that says what to do.
+    /// Human-readable message, including what to do next.
     pub message: String,
 }
 

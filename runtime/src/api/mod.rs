@@ -56,7 +56,7 @@ pub struct AppState {
     pub history: Arc<History>,
     /// Runs queued or running now, for cancellation.
     pub in_flight: InFlight,
-    /// Where the key ring is loaded from, for reloads.
+    /// Source of the key ring, for reloads.
     pub key_source: KeySource,
     /// Failed authentications per address.
     pub throttle: Throttle,

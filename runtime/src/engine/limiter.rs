@@ -57,9 +57,9 @@ impl ResourceLimiter for RunLimiter {
         let total = self.memory_total - current.min(self.memory_total) + desired;
         if total > self.memory_bytes {
             self.exceeded = Some(total);
-            // Trapping at once, instead of letting `memory.grow` return -1,
-            // stops the task where the limit was hit; most language runtimes
-            // would abort anyway, with a less helpful message.
+            // Trap at once instead of letting `memory.grow` return -1, so the
+            // task stops where the limit was hit. Language runtimes usually
+            // abort on a failed grow anyway, with a less helpful message.
             return Err(wasmtime::format_err!(
                 "memory limit exceeded: the run's linear memories would need {total} bytes, the limit is {} bytes",
                 self.memory_bytes

@@ -30,7 +30,7 @@ pub struct CappedOutput {
     buffer: Arc<Mutex<Buffer>>,
 }
 
-/// What a [`CappedOutput`] captured.
+/// Bytes a [`CappedOutput`] captured, and whether it dropped any.
 #[derive(Debug, Clone, Default)]
 pub struct Captured {
     /// The first bytes written, at most the cap.

@@ -1,8 +1,8 @@
 //! Run history and the audit log, in an embedded SQLite database
 //! (`DATA/history.db`, WAL mode, `synchronous=NORMAL`).
 //!
-//! One thread writes ([`writer`]); reads use their own connection, so a
-//! query never waits behind a batch of writes. A run that was queued or
+//! One thread writes ([`writer`]). Reads use their own connection, and WAL
+//! mode lets them proceed while a batch of writes is in progress. A run that was queued or
 //! running when the server stopped is marked `interrupted` at the next start.
 
 mod writer;

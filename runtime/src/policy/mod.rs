@@ -216,7 +216,7 @@ pub struct Policy {
     pub limits: Limits,
     /// How long history is kept.
     pub retention: Retention,
-    /// Who may reach the API, and how authentication failures are throttled.
+    /// API access rules: allowed clients and throttling of authentication failures.
     pub api: ApiPolicy,
     /// Per-plugin sections, by plugin name.
     pub plugins: BTreeMap<String, PluginGrant>,

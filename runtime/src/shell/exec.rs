@@ -10,8 +10,8 @@ use tokio::process::Command;
 use super::confine::Prepared;
 use super::rules::Plan;
 
-/// How long output is still read after the child exited and its group was
-/// killed; a stream some other process keeps open must not hold the call.
+/// Time output is still read after the child exited and its group was killed.
+/// A stream that another process keeps open must not block the call.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Result of a finished call.

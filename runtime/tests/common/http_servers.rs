@@ -1,8 +1,8 @@
 //! Local HTTP and HTTPS servers on 127.0.0.1 for outgoing-request tests.
 //!
-//! Routes: `/` answers `hello from the test server`; `/redirect?to=URL`
-//! answers 302 to URL; `/big?bytes=N` answers N bytes; `/hang` accepts and
-//! never answers. Each server counts the requests it received.
+//! Routes: `/` returns `hello from the test server`, `/redirect?to=URL`
+//! returns 302 to URL, `/big?bytes=N` returns N bytes, and `/hang` accepts
+//! and never responds. Each server counts the requests it received.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};

@@ -426,7 +426,7 @@ pub fn exchange<S: Read + Write>(mut stream: S, addr: &str, request: &Request) -
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
     stream.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413, 401) and close before the whole body is sent.
+    // The server may respond (413, 401) and close before the whole body is sent.
     let _ = stream.write_all(&request.body);
 
     let mut raw = Vec::new();
