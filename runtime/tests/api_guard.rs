@@ -190,18 +190,8 @@ fn readable_tls_key_refused() {
     )
     .unwrap();
     std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args([
-            "serve",
-            "--config",
-            "policy.yaml",
-            "--data",
-            "data",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+    let output = common::serve_command(dir.path())
         .args(["--tls-cert", "server.pem", "--tls-key", "server.key"])
-        .current_dir(dir.path())
         .env("APEX_SHARED_KEY", common::KEY)
         .output()
         .unwrap();

@@ -378,7 +378,6 @@ fn failures_logged_and_audited() {
 
 #[test]
 fn serve_rejects_short_or_missing_key() {
-    let binary = env!("CARGO_BIN_EXE_apex");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
 
@@ -386,19 +385,8 @@ fn serve_rejects_short_or_missing_key() {
         (None, "no key: set APEX_SHARED_KEY"),
         (Some("short"), "at least 32"),
     ] {
-        let mut command = std::process::Command::new(binary);
-        command
-            .args([
-                "serve",
-                "--config",
-                "policy.yaml",
-                "--data",
-                "data",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .current_dir(dir.path())
-            .env_remove("APEX_SHARED_KEY");
+        let mut command = common::serve_command(dir.path());
+        command.env_remove("APEX_SHARED_KEY");
         if let Some(key) = key {
             command.env("APEX_SHARED_KEY", key);
         }

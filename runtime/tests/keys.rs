@@ -205,18 +205,8 @@ fn upload_records_key_id() {
 
 /// Runs `apex serve` in `dir` and returns its stderr, expecting it to fail.
 fn serve_fails(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args([
-            "serve",
-            "--config",
-            "policy.yaml",
-            "--data",
-            "data",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+    let output = common::serve_command(dir)
         .args(args)
-        .current_dir(dir)
         .env_remove("APEX_SHARED_KEY")
         .envs(env.iter().copied())
         .output()
@@ -275,17 +265,7 @@ fn dotenv_supplies_key_and_environment_wins() {
     std::fs::set_permissions(dir.path().join(".env"), std::fs::Permissions::from_mode(0o600)).unwrap();
 
     let start = |env: &[(&str, &str)]| {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
-            .args([
-                "serve",
-                "--config",
-                "policy.yaml",
-                "--data",
-                "data",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .current_dir(dir.path())
+        let mut child = common::serve_command(dir.path())
             .env_remove("APEX_SHARED_KEY")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())

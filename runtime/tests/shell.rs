@@ -639,17 +639,7 @@ fn confined_child_cannot_connect() {
 fn required_confinement_refuses_to_start_without_support() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), "shell_confinement: required\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_apex"))
-        .args([
-            "serve",
-            "--config",
-            "policy.yaml",
-            "--data",
-            "data",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .current_dir(dir.path())
+    let output = common::serve_command(dir.path())
         .env("APEX_SHARED_KEY", common::KEY)
         .env("APEX_TEST_NO_LANDLOCK", "1")
         .output()

@@ -391,6 +391,17 @@ impl Drop for TestServer {
     }
 }
 
+/// Returns an `apex serve` command that runs in `dir`, reads `policy.yaml`,
+/// keeps its data in `data` and listens on a free port of 127.0.0.1.
+pub fn serve_command(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apex"));
+    command
+        .args(["serve", "--config", "policy.yaml", "--data", "data"])
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(dir);
+    command
+}
+
 /// Sends one request on a new connection and reads until the server closes it.
 pub fn send_raw(addr: &str, request: &Request) -> Response {
     let stream = TcpStream::connect(addr).unwrap();
