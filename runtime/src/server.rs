@@ -279,7 +279,7 @@ async fn accept_connections(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown_signal());
-    let mut refused: u64 = 0;
+    let mut rejected: u64 = 0;
 
     loop {
         let (stream, remote) = tokio::select! {
@@ -296,9 +296,9 @@ async fn accept_connections(
         };
 
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(%remote, refused, "too many open connections; closing new ones");
+            rejected += 1;
+            if rejected.is_power_of_two() {
+                tracing::warn!(%remote, rejected, "too many open connections; closing new ones");
             }
             continue;
         };

@@ -210,11 +210,11 @@ impl Egress {
             return Ok(candidates);
         }
         let mut checked = Vec::new();
-        let mut refused = Vec::new();
+        let mut rejected = Vec::new();
         for address in candidates {
             match non_public_reason(address.ip()) {
                 None => checked.push(address),
-                Some(reason) => refused.push(format!("{} ({reason})", address.ip())),
+                Some(reason) => rejected.push(format!("{} ({reason})", address.ip())),
             }
         }
         if checked.is_empty() {
@@ -222,7 +222,7 @@ impl Egress {
                 uri,
                 format!(
                     "{name} resolves to {}, which is not a public address; set network.allow_private_addresses to allow it",
-                    refused.join(", ")
+                    rejected.join(", ")
                 ),
             )));
         }

@@ -144,15 +144,15 @@ async fn read_capped(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> (Vec
     let Some(mut stream) = stream else {
         return (Vec::new(), false);
     };
-    let mut kept = Vec::new();
+    let mut captured = Vec::new();
     let mut truncated = false;
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return (kept, truncated),
+            Ok(0) | Err(_) => return (captured, truncated),
             Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&chunk[..n.min(room)]);
+                let room = cap.saturating_sub(captured.len());
+                captured.extend_from_slice(&chunk[..n.min(room)]);
                 truncated |= n > room;
             }
         }
