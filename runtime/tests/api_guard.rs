@@ -1,5 +1,5 @@
-//! Who may reach the API: the address allowlist, throttling of failed
-//! authentication, and TLS.
+//! API access guards: the address allowlist, throttling of failed
+//! authentication, the header timeout, and TLS.
 
 mod common;
 
@@ -10,6 +10,29 @@ use common::{Request, Setup, TestServer};
 
 fn list() -> Request {
     Request::new("GET", "/v1/plugins", "")
+}
+
+#[test]
+fn incomplete_headers_closed_after_timeout() {
+    use std::io::{Read, Write};
+    let server = TestServer::start();
+    let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+
+    // A client that never finishes its headers must not keep the connection.
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut response = Vec::new();
+    let read = stream.read_to_end(&mut response);
+    let waited = started.elapsed();
+
+    assert!(read.is_ok(), "the server must close the connection: {read:?}");
+    assert!(
+        waited >= Duration::from_secs(9),
+        "closed after {waited:?}, before the 10 s header timeout"
+    );
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
 }
 
 #[test]
