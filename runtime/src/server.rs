@@ -249,16 +249,19 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     println!("apex listening on {scheme}://{local}");
     tracing::info!(address = %local, data = %data.display(), "server started");
 
-    accept_connections(listener, api::router(state.clone()), tls).await;
+    accept_connections(
+        listener,
+        api::router(state.clone()),
+        tls,
+        policy.limits.max_connections,
+    )
+    .await;
 
     state.audit.record("server_stop", json!({}));
     history.flush().await;
     tracing::info!("server stopped");
     Ok(())
 }
-
-/// Most connections served at once; more are closed at accept.
-const MAX_CONNECTIONS: usize = 1024;
 
 /// How long a client may take to send the request line and headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -272,12 +275,13 @@ async fn accept_connections(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let mut rejected: u64 = 0;
 

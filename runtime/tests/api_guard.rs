@@ -36,6 +36,44 @@ fn incomplete_headers_closed_after_timeout() {
 }
 
 #[test]
+fn connections_beyond_limit_closed() {
+    use std::io::{Read, Write};
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {max_connections: 2}\n".into(),
+    });
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&server.addr).unwrap())
+        .collect();
+
+    // The third connection is accepted and closed at once, before any request.
+    let mut third = std::net::TcpStream::connect(&server.addr).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut response = Vec::new();
+    let read = third.read_to_end(&mut response);
+    assert!(read.is_ok(), "the server must close the connection: {read:?}");
+    assert!(response.is_empty(), "{}", String::from_utf8_lossy(&response));
+    let log = server.log();
+    assert!(log.contains("too many open connections"), "{log}");
+
+    // Closing the idle connections frees their slots.
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        if response.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slots were not released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn address_outside_ip_allow_forbidden() {
     let server = TestServer::start_with(Setup {
         policy: "api: {ip_allow: [127.0.0.1/32]}\n".into(),

@@ -117,6 +117,8 @@ pub struct Limits {
     pub max_concurrent_runs: usize,
     /// Runs that may wait for a free slot; more get 503 (`max_queued_runs`).
     pub max_queued_runs: usize,
+    /// Client connections open at once; more are closed at accept (`max_connections`).
+    pub max_connections: usize,
 }
 
 /// Rules for the host shell call.
@@ -178,6 +180,7 @@ const DEFAULT_RESPONSE_MIB: u64 = 16;
 const DEFAULT_SHELL_PROCESSES: u64 = 4;
 const DEFAULT_CONCURRENT_RUNS: u64 = 64;
 const DEFAULT_QUEUED_RUNS: u64 = 256;
+const DEFAULT_CONNECTIONS: u64 = 1024;
 
 const MAX_SECONDS: u64 = 24 * 60 * 60;
 
@@ -192,6 +195,7 @@ const MAX_RESPONSE_MIB: u64 = 1024;
 const MAX_SHELL_PROCESSES: u64 = 256;
 const MAX_CONCURRENT_RUNS: u64 = 4096;
 const MAX_QUEUED_RUNS: u64 = 100_000;
+const MAX_CONNECTIONS: u64 = 65_536;
 
 /// A validated policy.
 #[derive(Debug, Clone)]
@@ -415,6 +419,7 @@ struct RawLimits {
     shell_output_kib: Option<u64>,
     max_concurrent_runs: Option<u64>,
     max_queued_runs: Option<u64>,
+    max_connections: Option<u64>,
 }
 
 /// Files the server trusts, which no allowed path may contain or lie inside.
@@ -604,7 +609,7 @@ impl Policy {
         ));
         let l = &self.limits;
         out.push_str(&format!(
-            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, shell output {} KiB per stream, {} shell processes at once, {} runs at once and {} queued\n",
+            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, shell output {} KiB per stream, {} shell processes at once, {} runs at once and {} queued, {} client connections\n",
             l.memory_bytes >> 20,
             l.upload_bytes >> 20,
             l.input_bytes >> 10,
@@ -613,7 +618,8 @@ impl Policy {
             l.shell_output_bytes >> 10,
             l.max_shell_processes,
             l.max_concurrent_runs,
-            l.max_queued_runs
+            l.max_queued_runs,
+            l.max_connections
         ));
         out
     }
@@ -1043,6 +1049,14 @@ impl Checker<'_> {
                 raw.max_shell_processes,
                 DEFAULT_SHELL_PROCESSES,
                 MAX_SHELL_PROCESSES,
+            )?,
+            max_connections: self.sized(
+                "limits.max_connections",
+                raw.max_connections,
+                DEFAULT_CONNECTIONS,
+                MAX_CONNECTIONS,
+                0,
+                "connections",
             )?,
         })
     }
