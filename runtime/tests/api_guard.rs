@@ -233,12 +233,26 @@ fn tls_round_trip() {
     plain
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    let mut answer = Vec::new();
-    let _ = plain.read_to_end(&mut answer);
+    let mut response = Vec::new();
+    let _ = plain.read_to_end(&mut response);
     assert!(
-        !answer.starts_with(b"HTTP/1.1 200"),
+        !response.starts_with(b"HTTP/1.1 200"),
         "plain HTTP must not be served"
     );
+
+    // A client that never starts the handshake is closed after the timeout.
+    let mut silent = std::net::TcpStream::connect(&server.addr).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = std::time::Instant::now();
+    let mut received = Vec::new();
+    let read = silent.read_to_end(&mut received);
+    let waited = started.elapsed();
+    assert!(read.is_ok(), "the server must close the connection: {read:?}");
+    assert!(
+        waited >= Duration::from_secs(9),
+        "closed after {waited:?}, before the 10 s handshake timeout"
+    );
+    assert!(received.is_empty(), "{}", String::from_utf8_lossy(&received));
 }
 
 #[test]
