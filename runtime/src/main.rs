@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Build plugins from core modules.
+    Component {
+        #[command(subcommand)]
+        command: ComponentCommand,
+    },
     /// Print a new random shared key for APEX_SHARED_KEY.
     Keygen,
     /// Print the signature headers for one request, for use with curl.
@@ -159,6 +164,20 @@ enum Command {
 enum KeysCommand {
     /// Reload the server's keys file (the same as sending it SIGHUP).
     Reload,
+}
+
+#[derive(Subcommand)]
+enum ComponentCommand {
+    /// Make a component of a core module built for WASI preview 1 (wasi-libc,
+    /// Zig, Go): a command when it exports `_start`, else a task from the WIT
+    /// world that wit-bindgen embedded in it.
+    New {
+        /// The core module (.wasm).
+        module: PathBuf,
+        /// Where to write the component.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -338,6 +357,17 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 Err(reason) => print_out(&format!("shell confinement: unavailable ({reason})\n")),
             }
             print_out(&policy.describe_plugins());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Component {
+            command: ComponentCommand::New { module, output },
+        } => {
+            let bytes =
+                std::fs::read(&module).with_context(|| format!("cannot read {}", module.display()))?;
+            let component = apex::engine::adapt::component(&bytes)
+                .map_err(|e| anyhow::anyhow!("cannot make a component of {}: {e}", module.display()))?;
+            std::fs::write(&output, component)
+                .with_context(|| format!("cannot write {}", output.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen => {

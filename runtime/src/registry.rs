@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::Semaphore;
 
-use crate::engine::{CompileError, CompiledPlugin, Engine};
+use crate::engine::{CompileError, CompiledPlugin, Engine, SourceFormat};
 use crate::store::{ArtifactRecord, PluginRecord, PluginStore};
 
 /// Compiles that may run at once. Compiling is CPU-bound and wasmtime already
@@ -185,6 +185,7 @@ impl Registry {
             sha256: crate::auth::sha256_hex(&wasm),
             size: wasm.len() as u64,
             kind: compiled.kind(),
+            format: SourceFormat::of(&wasm),
             uploaded_at: crate::unix_now(),
             artifact: None,
         };

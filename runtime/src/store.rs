@@ -22,7 +22,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::PluginKind;
+use crate::engine::{PluginKind, SourceFormat};
 
 const PLUGINS_DIR: &str = "plugins";
 const BLOBS_DIR: &str = "blobs";
@@ -32,12 +32,17 @@ const BLOBS_DIR: &str = "blobs";
 pub struct PluginRecord {
     /// Plugin name.
     pub name: String,
-    /// SHA-256 of the component, lowercase hex.
+    /// SHA-256 of the uploaded bytes, lowercase hex.
     pub sha256: String,
-    /// Size of the component in bytes.
+    /// Size of the uploaded bytes.
     pub size: u64,
     /// The component's entry point.
     pub kind: PluginKind,
+    /// What was uploaded: a component, or a preview-1 module that the
+    /// runtime wrapped. Records written before the field existed are
+    /// components.
+    #[serde(default)]
+    pub format: SourceFormat,
     /// Upload time, Unix seconds.
     pub uploaded_at: u64,
     /// The compiled native code stored beside the component, if any.
@@ -341,6 +346,7 @@ mod tests {
             sha256: crate::auth::sha256_hex(wasm),
             size: wasm.len() as u64,
             kind: PluginKind::Task,
+            format: SourceFormat::Component,
             uploaded_at: 1,
             artifact: None,
         }

@@ -5,6 +5,7 @@
 //! component once (at upload or startup); [`Engine::run`] only instantiates
 //! and calls it.
 
+pub mod adapt;
 mod files;
 mod limiter;
 mod output;
@@ -48,11 +49,11 @@ pub enum CompileError {
     /// The bytes are not WebAssembly at all.
     #[error("not a WebAssembly binary: the upload must start with the `\\0asm` magic bytes")]
     NotWasm,
-    /// A core module was uploaded.
+    /// A core module was uploaded that is not a WASI preview-1 command.
     #[error(
-        "a WebAssembly core module was uploaded, but Apex runs components; build for wasm32-wasip2, or turn the module into a component with `wasm-tools component new`"
+        "a WebAssembly core module was uploaded, but it is not a WASI preview-1 command: {0}. Apex runs components and preview-1 commands; build for wasm32-wasip2, or make the module a component with `apex component new`"
     )]
-    CoreModule,
+    CoreModule(String),
     /// The component failed to validate or compile.
     #[error("invalid component: {0}")]
     Invalid(String),
@@ -74,6 +75,27 @@ pub enum PluginKind {
     Task,
     /// Exports `wasi:cli/run`: a program with a `main`.
     Command,
+}
+
+/// What was uploaded, before the runtime made it a component.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceFormat {
+    /// A WebAssembly component.
+    #[default]
+    Component,
+    /// A WASI preview-1 core module, wrapped with the preview-1 adapter.
+    Wasip1Module,
+}
+
+impl SourceFormat {
+    /// Returns the format of bytes that [`Engine::compile`] accepted.
+    pub fn of(wasm: &[u8]) -> SourceFormat {
+        match wasm.get(6..8) {
+            Some([0, 0]) => SourceFormat::Wasip1Module,
+            _ => SourceFormat::Component,
+        }
+    }
 }
 
 /// A component compiled and linked against the host, ready to instantiate.
@@ -264,7 +286,8 @@ impl Engine {
         })
     }
 
-    /// Validates, compiles and links a component.
+    /// Validates, compiles and links a component, or a WASI preview-1
+    /// command module after wrapping it with the preview-1 adapter.
     ///
     /// This is CPU-bound and can take seconds for a large component: call it
     /// from a blocking thread, never from an async worker.
@@ -273,10 +296,14 @@ impl Engine {
     ///
     /// Returns a [`CompileError`] that explains why the bytes cannot be a plugin.
     pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPlugin, CompileError> {
-        check_header(bytes)?;
-
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let component = match check_header(bytes)? {
+            SourceFormat::Component => Component::new(&self.engine, bytes),
+            SourceFormat::Wasip1Module => {
+                let adapted = adapt::command_component(bytes).map_err(CompileError::CoreModule)?;
+                Component::new(&self.engine, &adapted)
+            }
+        };
+        let component = component.map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
         self.link(component)
     }
 
@@ -551,16 +578,16 @@ fn build_wasi(
     Ok(builder.build())
 }
 
-/// Rejects bytes that are not a component before wasmtime parses them, so the
-/// common mistakes get a message with the fix.
-fn check_header(bytes: &[u8]) -> Result<(), CompileError> {
+/// Tells a component from a core module by the header, and rejects bytes that
+/// are neither before wasmtime parses them, so the mistake gets a clear message.
+fn check_header(bytes: &[u8]) -> Result<SourceFormat, CompileError> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(CompileError::NotWasm);
     }
     // Bytes 4..8 are a version and a layer: layer 0 is a core module, layer 1 a component.
     match bytes[6..8] {
-        [0, 0] => Err(CompileError::CoreModule),
-        [1, 0] => Ok(()),
+        [0, 0] => Ok(SourceFormat::Wasip1Module),
+        [1, 0] => Ok(SourceFormat::Component),
         _ => Err(CompileError::Invalid(
             "unknown WebAssembly layer in the header".into(),
         )),
