@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, signing vectors, and integration
-# tests that start the real server on 127.0.0.1 with real components. Ends
-# with one line that totals every test binary: "N passed, N failed".
+# tests that start the real server on 127.0.0.1 with real components, the
+# tours in every language among them. Ends with one line that totals every
+# test binary: "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/build-plugins.sh
+# The tours need their own toolchains (PyPI, npm), installed under target/.
+scripts/build-tours.sh
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -26,7 +26,8 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Returns the path of an example plugin, building all of them on first use.
+/// Returns the path of an example plugin, building all of them on first use;
+/// the tours (`NAME-tour`), which need other toolchains, on first use of one.
 pub fn plugin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -38,6 +39,18 @@ pub fn plugin(name: &str) -> PathBuf {
             script.display()
         );
     });
+    if name.ends_with("-tour") {
+        static TOURS: OnceLock<()> = OnceLock::new();
+        TOURS.get_or_init(|| {
+            let script = repo_root().join("scripts/build-tours.sh");
+            let status = Command::new("bash").arg(&script).status().expect("bash runs");
+            assert!(
+                status.success(),
+                "building the tours with {} failed",
+                script.display()
+            );
+        });
+    }
     let path = repo_root().join("target/plugins").join(format!("{name}.wasm"));
     assert!(path.exists(), "{} was not built", path.display());
     path
@@ -405,7 +418,9 @@ pub fn serve_command(dir: &Path) -> Command {
 /// Sends one request on a new connection and reads until the server closes it.
 pub fn send_raw(addr: &str, request: &Request) -> Response {
     let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Uploads of the tours (about 20 MB each) compile for tens of seconds
+    // with the debug build on a loaded machine.
+    stream.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
     exchange(stream, addr, request)
 }
 

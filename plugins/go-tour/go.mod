@@ -1,0 +1,3 @@
+module apex/plugins/go-tour
+
+go 1.27
