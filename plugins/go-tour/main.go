@@ -111,12 +111,12 @@ func stringField(fields map[string]json.RawMessage, key string) (value string, p
 	return value, true, nil
 }
 
-// fileSize reads the whole file at path and returns its length in bytes, or
-// the error text. Under wasip1 the Go runtime resolves an absolute path
-// against the preopened directories, so path must lie inside one of them.
+// fileSize returns the length in bytes of the file at path, or the error
+// text. Under wasip1 the Go runtime resolves an absolute path against the
+// preopened directories, so path must lie inside one of them.
 //
-// fileSize counts the file's bytes through a small buffer rather than reading
-// it whole. Under the preview 1 adapter, memory that Go's heap takes after
+// It counts the bytes through a small buffer rather than reading the file
+// whole. Under the preview 1 adapter, memory that Go's heap takes after
 // start-up can overlap the adapter's state (see docs/plugins/go.md), so the
 // tour keeps its heap at its initial size.
 func fileSize(path string) any {

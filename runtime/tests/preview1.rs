@@ -1,14 +1,14 @@
 //! WASI preview-1 core modules uploaded as command plugins: wrapped with the
 //! preview-1 adapter at upload, then run like any component, under the same
 //! limits. Modules that are not preview-1 commands are rejected with a
-//! message that says why.
+//! message that gives the reason.
 
 mod common;
 
 use common::{Setup, TestServer};
 use serde_json::json;
 
-/// A preview-1 command that writes `text` to stdout and exits with `code`.
+/// Builds a preview-1 command that writes `text` to stdout and exits with `code`.
 fn writer(text: &str, code: u32) -> Vec<u8> {
     let len = text.len();
     let text = text.replace('\n', "\\0a");
@@ -107,8 +107,8 @@ fn preview1_memory_is_limited_per_run() {
     let server = TestServer::start_with(Setup {
         policy: "limits: {memory_mib: 64}\n".into(),
     });
-    // Tries to grow its memory by 128 MiB (2048 pages) and reports the result
-    // of `memory.grow` as its exit code: -1 means refused.
+    // Tries to grow its memory by 128 MiB (2048 pages) and exits with code 7
+    // when `memory.grow` returns -1, the refusal.
     let wasm = wat::parse_str(
         r#"(module
             (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))

@@ -18,7 +18,8 @@ use wasmparser::{ExternalKind, Parser, Payload};
 /// a module was built for.
 const COMPONENT_TYPE_SECTION: &str = "component-type";
 
-/// What a core module looks like from outside, as far as adapting it goes.
+/// The imports, exports and custom sections of a core module that decide how
+/// it is adapted.
 #[derive(Debug, Default)]
 pub struct ModuleShape {
     /// Exports `_start`: a command with a `main`.
