@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the tour plugins, one per language, into target/plugins/NAME.wasm.
 # Each plugin folder pins its toolchain in install-toolchain.sh, which
-# installs it from PyPI or npm under target/toolchains/LANGUAGE the first
-# time. A tour is rebuilt only when a file of its folder, of wit/ or of its
+# installs it from PyPI, npm or crates.io under target/toolchains/LANGUAGE
+# the first time. A tour is rebuilt only when a file of its folder, of wit/ or of its
 # toolchain is newer than the built file.
 #
 # Usage: scripts/build-tours.sh [NAME...]   (default: every tour)
@@ -43,7 +43,14 @@ for name in "${tours[@]}"; do
     case $name in
         python-tour) COMPONENTIZE_PY=$tool "plugins/$name/build.sh" "$out.tmp" ;;
         js-tour) JCO=$tool "plugins/$name/build.sh" "$out.tmp" ;;
-        c-tour) TOOLCHAIN=$(dirname "$tool") "plugins/$name/build.sh" "$out.tmp" ;;
+        c-tour)
+            # A preview-1 module with the world embedded, which the apex CLI
+            # wraps into a component.
+            ZIG=$tool TOOLCHAIN=$root/target/toolchains/c "plugins/$name/build.sh" "$out.module"
+            cargo build --locked --quiet --bin apex
+            "${CARGO_TARGET_DIR:-target}/debug/apex" component new "$out.module" -o "$out.tmp"
+            rm "$out.module"
+            ;;
         go-tour) GO=$tool "plugins/$name/build.sh" "$out.tmp" ;;
         *) echo "no build rule for $name" >&2; exit 2 ;;
     esac

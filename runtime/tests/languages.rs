@@ -110,6 +110,11 @@ fn javascript_tour() {
 }
 
 #[test]
+fn c_tour() {
+    check_task_tour("c-tour", "c");
+}
+
+#[test]
 fn go_tour_runs_as_a_preview1_command() {
     let http = LocalServer::http();
     let server = apex(&http);
@@ -132,16 +137,16 @@ fn go_tour_runs_as_a_preview1_command() {
         "{output}"
     );
     assert!(
-        output["command_stdout"].as_str().unwrap().starts_with("unavailable"),
+        output["command_stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("unavailable"),
         "{output}"
     );
     assert_eq!(http.requests(), 0);
 
     // The preopens bound a preview-1 module as they bound a component.
-    let result = server.run(
-        "go-tour",
-        json!({ "input": { "file": "/etc/hostname" } }),
-    );
+    let result = server.run("go-tour", json!({ "input": { "file": "/etc/hostname" } }));
     let output: Value = serde_json::from_str(result["stdout"].as_str().unwrap().trim()).unwrap();
     let error = output["file_bytes"].as_str().unwrap_or_default();
     assert!(error.contains("not inside a preopened directory"), "{output}");
@@ -156,4 +161,3 @@ fn go_tour_runs_as_a_preview1_command() {
     let output: Value = serde_json::from_str(result["stdout"].as_str().unwrap().trim()).unwrap();
     assert_eq!(output["file_bytes"], big.len(), "{output}");
 }
-

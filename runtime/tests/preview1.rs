@@ -223,3 +223,61 @@ fn invalid_module_is_rejected() {
     let message = upload_error(&server, &wasm);
     assert!(message.contains("core module"), "{message}");
 }
+
+#[test]
+fn component_new_wraps_a_command_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("writer.wasm");
+    let output = dir.path().join("writer.component.wasm");
+    std::fs::write(&module, writer("wrapped\n", 0)).unwrap();
+
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["component", "new"])
+        .arg(&module)
+        .arg("-o")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let server = TestServer::start();
+    let record = server.upload("wrapped", &std::fs::read(&output).unwrap()).json();
+    assert_eq!(record["kind"], "command", "{record}");
+    assert_eq!(record["format"], "component", "{record}");
+    let result = server.run("wrapped", json!({}));
+    assert_eq!(result["stdout"], "wrapped\n", "{result}");
+}
+
+#[test]
+fn component_new_rejects_what_it_cannot_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("text", b"not wasm at all".to_vec(), "not a WebAssembly binary"),
+        (
+            "component",
+            std::fs::read(common::plugin("hello")).unwrap(),
+            "a component already",
+        ),
+        (
+            "library",
+            wat::parse_str(r#"(module (memory (export "memory") 1))"#).unwrap(),
+            "no `_start` and carries no WIT world",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let input = dir.path().join(format!("{name}.wasm"));
+        let output = dir.path().join(format!("{name}.out.wasm"));
+        std::fs::write(&input, bytes).unwrap();
+        let result = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(["component", "new"])
+            .arg(&input)
+            .arg("-o")
+            .arg(&output)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(!output.exists(), "{name}: nothing is written on failure");
+    }
+}
