@@ -636,6 +636,44 @@ fn confined_child_cannot_connect() {
 }
 
 #[test]
+fn confined_child_has_no_network() {
+    let server = open_shell();
+
+    // Its own network namespace: loopback is the only interface.
+    let output = shell(
+        &server,
+        "python3 -c 'import socket; print(socket.if_nameindex())'",
+        None,
+    );
+    assert_eq!(output["exit_code"], 0, "{output}");
+    assert_eq!(output["stdout"], "[(1, 'lo')]\n", "{output}");
+
+    // UDP, which Landlock does not cover, reaches nothing either.
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let port = receiver.local_addr().unwrap().port();
+    let script = format!(
+        "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b\"leak\", (\"127.0.0.1\", {port}))"
+    );
+    let output = shell(&server, &format!("python3 -c '{script}'"), None);
+    assert_ne!(output["exit_code"], 0, "{output}");
+    assert!(
+        output["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("Network is unreachable"),
+        "{output}"
+    );
+    let mut buffer = [0u8; 16];
+    assert!(
+        receiver.recv(&mut buffer).is_err(),
+        "no datagram reached the host"
+    );
+}
+
+#[test]
 fn required_confinement_refuses_to_start_without_support() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), "shell_confinement: required\n").unwrap();

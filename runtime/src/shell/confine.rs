@@ -1,13 +1,18 @@
-//! Kernel confinement of shell children: Landlock for files and TCP, and
-//! resource limits.
+//! Kernel confinement of shell children: a network namespace, Landlock for
+//! files and TCP, and resource limits.
 //!
 //! The allowlist decides which program starts; this bounds what it does
-//! then. Between `fork` and `exec` the child restricts itself with a Landlock
-//! ruleset the server prepared. The ruleset grants read-write access to the
-//! read-write entries of `paths_allow`, read access to the read-only ones,
-//! and read and execute access to the system directories a program needs. It
-//! allows no TCP `connect` or `bind` at all. The child also sets limits on
-//! CPU time, address space, file size and processes.
+//! then. Between `fork` and `exec` the child first moves into a new network
+//! namespace of its own, which has only a loopback interface that is down,
+//! so no socket of any protocol reaches the host's networks. A child of a
+//! server that is not root also gets a user namespace, which is what lets it
+//! create the network namespace, with its own user and group ids mapped to
+//! themselves. Then it restricts itself with a Landlock ruleset the server
+//! prepared. The ruleset grants read-write access to the read-write entries
+//! of `paths_allow`, read access to the read-only ones, and read and execute
+//! access to the system directories a program needs. It allows no TCP
+//! `connect` or `bind` at all. Last, the child sets limits on CPU time,
+//! address space, file size and processes.
 
 use std::path::PathBuf;
 
@@ -46,8 +51,67 @@ pub struct Confinement {
 pub struct Prepared {
     #[cfg(target_os = "linux")]
     ruleset: Option<landlock::RulesetCreated>,
+    #[cfg(target_os = "linux")]
+    namespace: NetworkNamespace,
     limits: ChildLimits,
     required: bool,
+}
+
+/// How a child gets its own network namespace, decided in the parent.
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone)]
+struct NetworkNamespace {
+    /// For a server that is not root: the contents of `uid_map` and
+    /// `gid_map` of the user namespace created with the network namespace.
+    id_maps: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[cfg(target_os = "linux")]
+impl NetworkNamespace {
+    fn for_this_process() -> NetworkNamespace {
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        if uid.is_root() {
+            return NetworkNamespace { id_maps: None };
+        }
+        // Each id maps to itself, so files the child creates keep the
+        // server's owner.
+        let maps = (
+            format!("{uid} {uid} 1\n").into_bytes(),
+            format!("{gid} {gid} 1\n").into_bytes(),
+        );
+        NetworkNamespace { id_maps: Some(maps) }
+    }
+
+    /// Moves the calling process into a new network namespace. Runs between
+    /// `fork` and `exec`, so it makes only system calls.
+    fn enter(&self) -> nix::Result<()> {
+        use nix::sched::{CloneFlags, unshare};
+
+        let Some((uid_map, gid_map)) = &self.id_maps else {
+            return unshare(CloneFlags::CLONE_NEWNET);
+        };
+        unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)?;
+        // The kernel requires `setgroups` to be denied before an
+        // unprivileged process writes its `gid_map`.
+        write_proc_file(c"/proc/self/setgroups", b"deny")?;
+        write_proc_file(c"/proc/self/uid_map", uid_map)?;
+        write_proc_file(c"/proc/self/gid_map", gid_map)
+    }
+}
+
+/// Writes `contents` to a file of `/proc` in one `write`, without allocating.
+#[cfg(target_os = "linux")]
+fn write_proc_file(path: &std::ffi::CStr, contents: &[u8]) -> nix::Result<()> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+
+    let file = open(path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let written = nix::unistd::write(&file, contents)?;
+    if written == contents.len() {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::EIO)
+    }
 }
 
 impl Confinement {
@@ -63,6 +127,7 @@ impl Confinement {
             match self.ruleset(read_write, read_only) {
                 Ok(ruleset) => Ok(Prepared {
                     ruleset: Some(ruleset),
+                    namespace: NetworkNamespace::for_this_process(),
                     limits: self.limits,
                     required: self.required,
                 }),
@@ -71,6 +136,7 @@ impl Confinement {
                     tracing::warn!(error = %e, "cannot prepare the Landlock ruleset; the child runs without it");
                     Ok(Prepared {
                         ruleset: None,
+                        namespace: NetworkNamespace::for_this_process(),
                         limits: self.limits,
                         required: false,
                     })
@@ -130,6 +196,15 @@ impl Prepared {
     /// Fails when a limit cannot be set, or when confinement is required and
     /// the kernel did not enforce it fully.
     pub fn apply(&mut self) -> std::io::Result<()> {
+        // The namespace comes first: creating a user namespace needs a
+        // process that Landlock does not restrict yet.
+        #[cfg(target_os = "linux")]
+        if let Err(errno) = self.namespace.enter()
+            && self.required
+        {
+            return Err(std::io::Error::from(errno));
+        }
+
         #[cfg(unix)]
         {
             use nix::sys::resource::{Resource, setrlimit};
@@ -188,7 +263,9 @@ impl Confinement {
         #[cfg(not(unix))]
         let _ = prepared;
         match command.status().await {
-            Ok(status) if status.success() => Ok("Landlock (files and TCP) and resource limits".into()),
+            Ok(status) if status.success() => {
+                Ok("a network namespace, Landlock (files and TCP) and resource limits".into())
+            }
             Ok(status) => Err(format!("a confined test process failed ({status})")),
             Err(e) => Err(format!("a confined test process could not start: {e}")),
         }
