@@ -673,6 +673,73 @@ fn confined_child_has_no_network() {
     );
 }
 
+/// Id of the user `nobody` on Debian and most Linux systems.
+const NOBODY: u32 = 65534;
+
+#[test]
+fn unprivileged_server_confines_children() {
+    // A server that is not root needs a user namespace to create the
+    // network namespace. Tests running as root start the server as nobody.
+    let as_root = nix::unistd::geteuid().is_root();
+    // nobody may not reach the build directory, so it runs a copy.
+    let bin = tempfile::tempdir().unwrap();
+    let apex = bin.path().join("apex");
+    std::fs::copy(env!("CARGO_BIN_EXE_apex"), &apex).unwrap();
+    std::fs::set_permissions(bin.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let wrapper = if as_root {
+        let apex = apex.to_str().unwrap();
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            apex,
+        ]
+        .map(String::from)
+        .to_vec()
+    } else {
+        Vec::new()
+    };
+    let policy = "paths_allow: [{WORK}]\nshell_allow: [\"python3 -c \"]\n";
+    let server = TestServer::start_wrapped(
+        Setup {
+            policy: policy.into(),
+        },
+        wrapper,
+        |dir| {
+            if as_root {
+                let status = Command::new("chown")
+                    .args(["-R", "65534:65534"])
+                    .arg(dir)
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+        },
+    );
+    server.upload_plugin("shell-run");
+    let log = server.log();
+    assert!(
+        log.contains("shell children are confined: a network namespace"),
+        "{log}"
+    );
+
+    let script =
+        "import os, socket; open(\\\"made\\\", \\\"w\\\").close(); print(socket.if_nameindex(), os.getuid())";
+    let output = shell(&server, &format!("python3 -c \"{script}\""), None);
+    assert_eq!(output["exit_code"], 0, "{output}");
+    let uid = if as_root {
+        NOBODY
+    } else {
+        nix::unistd::geteuid().as_raw()
+    };
+    assert_eq!(output["stdout"], format!("[(1, 'lo')] {uid}\n"), "{output}");
+
+    // The user id maps to itself, so files keep the server's owner.
+    let made = std::fs::metadata(server.work().join("made")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&made), uid);
+}
+
 #[test]
 fn required_confinement_refuses_to_start_without_support() {
     let dir = tempfile::tempdir().unwrap();

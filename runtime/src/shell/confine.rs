@@ -91,11 +91,19 @@ impl NetworkNamespace {
             return unshare(CloneFlags::CLONE_NEWNET);
         };
         unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)?;
+
+        // The server is not dumpable, which makes its `/proc/self` files,
+        // and those of this fork, owned by root. The child is dumpable for
+        // the three writes only: a Landlock-confined sibling cannot trace
+        // it, and `exec` replaces the server's memory right after.
+        nix::sys::prctl::set_dumpable(true)?;
         // The kernel requires `setgroups` to be denied before an
         // unprivileged process writes its `gid_map`.
-        write_proc_file(c"/proc/self/setgroups", b"deny")?;
-        write_proc_file(c"/proc/self/uid_map", uid_map)?;
-        write_proc_file(c"/proc/self/gid_map", gid_map)
+        let written = write_proc_file(c"/proc/self/setgroups", b"deny")
+            .and_then(|()| write_proc_file(c"/proc/self/uid_map", uid_map))
+            .and_then(|()| write_proc_file(c"/proc/self/gid_map", gid_map));
+        nix::sys::prctl::set_dumpable(false)?;
+        written
     }
 }
 

@@ -177,6 +177,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: String,
     child: Option<Child>,
+    /// Command line up to the `apex` binary, if it is not run directly.
+    wrapper: Vec<String>,
     /// Extra arguments of `apex serve`.
     pub extra_args: Vec<String>,
     /// Extra environment variables of the server.
@@ -191,6 +193,13 @@ impl TestServer {
 
     /// Starts a server with `setup`.
     pub fn start_with(setup: Setup) -> TestServer {
+        TestServer::start_wrapped(setup, Vec::new(), |_| {})
+    }
+
+    /// Starts a server with `setup` by the command line `wrapper`, which
+    /// ends with the path of an `apex` binary (such as `setpriv ... apex`),
+    /// after `prepare` has run on the server's directory.
+    pub fn start_wrapped(setup: Setup, wrapper: Vec<String>, prepare: impl FnOnce(&Path)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
         let ro = dir.path().join("ro");
@@ -201,11 +210,13 @@ impl TestServer {
             .replace("{WORK}", work.to_str().unwrap())
             .replace("{RO}", ro.to_str().unwrap());
         std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+        prepare(dir.path());
 
         let mut server = TestServer {
             dir,
             addr: String::new(),
             child: None,
+            wrapper,
             extra_args: Vec::new(),
             extra_env: Vec::new(),
         };
@@ -232,6 +243,7 @@ impl TestServer {
             dir,
             addr: String::new(),
             child: None,
+            wrapper: Vec::new(),
             extra_args: vec!["--keys".into(), keys_file.to_str().unwrap().into()],
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
@@ -263,7 +275,15 @@ impl TestServer {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_apex")),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(self.dir.path().join("policy.yaml"))
