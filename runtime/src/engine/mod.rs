@@ -422,7 +422,9 @@ impl Engine {
             wasi,
             http: WasiHttpCtx::new(),
             hooks: grants.egress.hooks(&request.plugin, decisions.clone()),
-            shell: grants.shell.for_run(&request.plugin, decisions.clone()),
+            shell: grants
+                .shell
+                .for_run(&request.plugin, decisions.clone(), grants.egress.clone()),
             config: grants.config.iter().cloned().collect(),
             decisions: decisions.clone(),
             table: ResourceTable::new(),

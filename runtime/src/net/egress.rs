@@ -388,6 +388,75 @@ impl Egress {
     }
 }
 
+/// Why the proxy of shell children did not connect.
+pub(crate) enum ProxyRefusal {
+    /// The policy denies the destination.
+    Denied(String),
+    /// The destination is allowed, but resolving or connecting failed.
+    Failed(String),
+}
+
+impl Egress {
+    /// Connects to the destination of a request that a shell child sent
+    /// through its proxy, after the checks a task's request gets: the
+    /// allowed hosts, `network.resolve` and the private-address rule. `uri`
+    /// carries the scheme, host and port. Records the decision in the run.
+    pub(crate) async fn connect_for_proxy(
+        &self,
+        uri: &http::Uri,
+        decisions: &Decisions,
+        plugin: &str,
+    ) -> Result<TcpStream, ProxyRefusal> {
+        let record = |target: String, allowed: bool, reason: String| {
+            decisions.push(Decision {
+                capability: "http",
+                target,
+                allowed,
+                reason,
+                exit_code: None,
+                duration_ms: None,
+            });
+        };
+        let denied = |denial: Denial| {
+            tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
+            let reason = format!("{} (from a shell child, through the proxy)", denial.reason);
+            record(denial.target, false, reason.clone());
+            ProxyRefusal::Denied(reason)
+        };
+
+        let destination = self.check(uri).map_err(denied)?;
+        let addresses = match self.addresses(&destination, uri).await {
+            Ok(addresses) => addresses,
+            Err(SendError::Denied(denial)) => return Err(denied(denial)),
+            Err(SendError::Http(error)) => {
+                let reason = format!("allowed, but name resolution failed: {error:?}");
+                record(target_of(uri), true, reason.clone());
+                return Err(ProxyRefusal::Failed(reason));
+            }
+        };
+        match connect(&addresses, self.timeout).await {
+            Ok((stream, address)) => {
+                record(
+                    target_of(uri),
+                    true,
+                    format!("connected to {address} for a shell child, through the proxy"),
+                );
+                Ok(stream)
+            }
+            Err(error) => {
+                let reason = format!("allowed, but connecting failed: {error:?}");
+                record(target_of(uri), true, reason.clone());
+                Err(ProxyRefusal::Failed(reason))
+            }
+        }
+    }
+
+    /// Returns `timeouts.http_seconds`.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
 /// The `wasi:http` hooks of one run.
 pub struct HttpHooks {
     egress: Arc<Egress>,

@@ -2,6 +2,7 @@
 //! ([`rules`]) and the sender that enforces it ([`egress`]).
 
 pub mod egress;
+pub mod proxy;
 pub mod rules;
 
 pub use egress::{Egress, EgressConfig, EgressError, HttpHooks};

@@ -503,7 +503,7 @@ impl Policy {
         let checker = Checker { source };
         let base = source.parent().unwrap_or(Path::new("/"));
 
-        let shell_allow = checker.strings("shell_allow", &raw.shell_allow)?;
+        let (shell_allow, shell_entries) = checker.shell_allow("shell_allow", &raw.shell_allow)?;
         let domains = checker.strings("network.http_allow_domains", &raw.network.http_allow_domains)?;
         let shell_path = raw
             .shell_path
@@ -513,7 +513,7 @@ impl Policy {
         let paths_allow = checker.resolve_paths(base, &raw.paths_allow)?;
         checker.check_protected(&paths_allow, protected)?;
         let network = checker.network(base, &raw.network, &domains)?;
-        let shell = checker.shell(&shell_allow, shell_path, &raw.shell_env, &paths_allow)?;
+        let shell = checker.shell(shell_entries, shell_path, &raw.shell_env, &paths_allow)?;
 
         let mut policy = Policy {
             source: source.to_path_buf(),
@@ -580,7 +580,17 @@ impl Policy {
             out.push_str(&format!("  extra CA certificates: {}\n", ca_file.display()));
         }
         out.push_str("shell command prefixes (a trailing space requires more arguments):\n");
-        push_list(&mut out, &self.shell_allow);
+        if self.shell.entries.is_empty() {
+            out.push_str("  none\n");
+        }
+        for entry in &self.shell.entries {
+            let network = if entry.network {
+                "network through the proxy, to the outgoing HTTP hosts"
+            } else {
+                "no network"
+            };
+            out.push_str(&format!("  {:?} ({network})\n", entry.raw));
+        }
         let search: Vec<String> = self
             .shell
             .search_path
@@ -622,15 +632,6 @@ impl Policy {
             l.max_connections
         ));
         out
-    }
-}
-
-fn push_list(out: &mut String, items: &[String]) {
-    if items.is_empty() {
-        out.push_str("  none\n");
-    }
-    for item in items {
-        out.push_str(&format!("  {item:?}\n"));
     }
 }
 
@@ -1063,20 +1064,92 @@ impl Checker<'_> {
 }
 
 impl Checker<'_> {
+    /// Reads a `shell_allow` list: each entry is a command prefix, or a
+    /// mapping `{prefix: PREFIX, network: BOOL}`. Returns the prefixes as
+    /// written and the parsed entries.
+    pub(super) fn shell_allow(
+        &self,
+        key: &str,
+        values: &[serde_yaml_ng::Value],
+    ) -> Result<(Vec<String>, Vec<ShellEntry>), PolicyError> {
+        use serde_yaml_ng::Value;
+
+        let mut written = Vec::new();
+        let mut entries = Vec::new();
+        for (index, value) in values.iter().enumerate() {
+            let at = format!("{key}[{index}]");
+            let (prefix, network) = match value {
+                Value::String(prefix) => (prefix.clone(), false),
+                Value::Mapping(map) => {
+                    for name in map.keys() {
+                        if !matches!(name.as_str(), Some("prefix" | "network")) {
+                            let name = name
+                                .as_str()
+                                .map_or_else(|| describe_yaml(name), |n| format!("{n:?}"));
+                            return Err(self.error(
+                                at,
+                                format!("unknown key {name}; an entry has `prefix` and optionally `network`"),
+                            ));
+                        }
+                    }
+                    let prefix = match map.get("prefix") {
+                        Some(Value::String(prefix)) => prefix.clone(),
+                        Some(other) => {
+                            return Err(self.error(
+                                format!("{at}.prefix"),
+                                format!("{} is not a string", describe_yaml(other)),
+                            ));
+                        }
+                        None => {
+                            return Err(
+                                self.error(at, "missing `prefix`: the command prefix this entry allows")
+                            );
+                        }
+                    };
+                    let network = match map.get("network") {
+                        None => false,
+                        Some(Value::Bool(network)) => *network,
+                        Some(other) => {
+                            return Err(self.error(
+                                format!("{at}.network"),
+                                format!("{} is not true or false", describe_yaml(other)),
+                            ));
+                        }
+                    };
+                    (prefix, network)
+                }
+                other => {
+                    return Err(self.error(
+                        at,
+                        format!(
+                            "{} is neither a command prefix nor a mapping {{prefix: PREFIX, network: true}}; quote the prefix",
+                            describe_yaml(other)
+                        ),
+                    ));
+                }
+            };
+            if prefix.trim().is_empty() {
+                return Err(self.error(at, "empty entry; remove it (an empty list grants nothing)"));
+            }
+            if written.contains(&prefix) {
+                return Err(self.error(at, format!("duplicate entry {prefix:?}; list each value once")));
+            }
+            let mut entry =
+                ShellEntry::parse(&prefix).map_err(|e| self.error(at.clone(), format!("{prefix:?}: {e}")))?;
+            entry.network = network;
+            written.push(prefix);
+            entries.push(entry);
+        }
+        Ok((written, entries))
+    }
+
     fn shell(
         &self,
-        shell_allow: &[String],
+        entries: Vec<ShellEntry>,
         shell_path: Option<Vec<String>>,
         shell_env: &BTreeMap<String, String>,
         paths_allow: &[AllowedPath],
     ) -> Result<ShellPolicy, PolicyError> {
-        let mut entries = Vec::new();
-        for (index, written) in shell_allow.iter().enumerate() {
-            let entry = ShellEntry::parse(written)
-                .map_err(|e| self.error(format!("shell_allow[{index}]"), format!("{written:?}: {e}")))?;
-            entries.push(entry);
-        }
-
         let written_path: Vec<String> =
             shell_path.unwrap_or_else(|| DEFAULT_SHELL_PATH.iter().map(|p| p.to_string()).collect());
         let mut search_path = Vec::new();

@@ -121,7 +121,8 @@ fn host_rule_within(narrow: &HostRule, wide: &HostRule) -> bool {
 
 /// Returns whether every command `narrow` allows is also allowed by `wide`.
 fn shell_entry_within(narrow: &ShellEntry, wide: &ShellEntry) -> bool {
-    narrow.tokens.starts_with(&wide.tokens)
+    (wide.network || !narrow.network)
+        && narrow.tokens.starts_with(&wide.tokens)
         && (!wide.needs_argument || narrow.tokens.len() > wide.tokens.len() || narrow.needs_argument)
 }
 
@@ -189,11 +190,9 @@ impl Checker<'_> {
 
             if let Some(entries) = &section.shell_allow {
                 let key = format!("{prefix}.shell_allow");
-                let written = self.strings(&key, entries)?;
+                let (written, entries) = self.shell_allow(&key, entries)?;
                 let mut parsed = Vec::new();
-                for (index, entry) in written.iter().enumerate() {
-                    let shell = ShellEntry::parse(entry)
-                        .map_err(|e| self.error(format!("{key}[{index}]"), format!("{entry:?}: {e}")))?;
+                for (index, (entry, shell)) in written.iter().zip(entries).enumerate() {
                     if !global
                         .shell
                         .entries
@@ -202,7 +201,7 @@ impl Checker<'_> {
                     {
                         return Err(self.error(
                             format!("{key}[{index}]"),
-                            format!("{entry:?} is wider than every global shell_allow entry; a plugin may only narrow them"),
+                            format!("{entry:?} is wider than every global shell_allow entry; a plugin may only narrow them, and may set `network: true` only under a global entry that has it"),
                         ));
                     }
                     parsed.push(shell);
@@ -343,7 +342,15 @@ impl Policy {
                 .map(|r| r.to_string())
                 .collect();
             out.push_str(&format!("  outgoing HTTP hosts: {}\n", list_or_none(&hosts)));
-            let commands: Vec<String> = effective.shell_allow.iter().map(|c| format!("{c:?}")).collect();
+            let commands: Vec<String> = effective
+                .shell
+                .entries
+                .iter()
+                .map(|e| {
+                    let network = if e.network { " (network)" } else { "" };
+                    format!("{:?}{network}", e.raw)
+                })
+                .collect();
             out.push_str(&format!(
                 "  shell command prefixes: {}\n",
                 list_or_none(&commands)

@@ -59,51 +59,74 @@ pub struct Prepared {
 
 /// How a child gets its own network namespace, decided in the parent.
 #[cfg(target_os = "linux")]
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct NetworkNamespace {
     /// For a server that is not root: the contents of `uid_map` and
     /// `gid_map` of the user namespace created with the network namespace.
     id_maps: Option<(Vec<u8>, Vec<u8>)>,
+    /// For a child with network access: its end of the socket pair that
+    /// carries its proxy listener to the server.
+    proxy_channel: Option<std::os::fd::OwnedFd>,
 }
 
 #[cfg(target_os = "linux")]
 impl NetworkNamespace {
-    fn for_this_process() -> NetworkNamespace {
+    /// Decides how to create the namespace. With `network`, also returns the
+    /// server's end of the socket pair that receives the proxy listener.
+    fn for_this_process(network: bool) -> std::io::Result<(NetworkNamespace, Option<std::os::fd::OwnedFd>)> {
         let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
-        if uid.is_root() {
-            return NetworkNamespace { id_maps: None };
-        }
         // Each id maps to itself, so files the child creates keep the
         // server's owner.
-        let maps = (
-            format!("{uid} {uid} 1\n").into_bytes(),
-            format!("{gid} {gid} 1\n").into_bytes(),
-        );
-        NetworkNamespace { id_maps: Some(maps) }
+        let id_maps = (!uid.is_root()).then(|| {
+            (
+                format!("{uid} {uid} 1\n").into_bytes(),
+                format!("{gid} {gid} 1\n").into_bytes(),
+            )
+        });
+        let (proxy_channel, server_end) = if network {
+            let (child_end, server_end) = handoff::socket_pair()?;
+            (Some(child_end), Some(server_end))
+        } else {
+            (None, None)
+        };
+        let namespace = NetworkNamespace {
+            id_maps,
+            proxy_channel,
+        };
+        Ok((namespace, server_end))
     }
 
-    /// Moves the calling process into a new network namespace. Runs between
-    /// `fork` and `exec`, so it makes only system calls.
+    /// Moves the calling process into a new network namespace and, for a
+    /// child with network access, opens its proxy listener there. Runs
+    /// between `fork` and `exec`, so it makes only system calls.
     fn enter(&self) -> nix::Result<()> {
         use nix::sched::{CloneFlags, unshare};
 
-        let Some((uid_map, gid_map)) = &self.id_maps else {
-            return unshare(CloneFlags::CLONE_NEWNET);
-        };
-        unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)?;
+        match &self.id_maps {
+            None => unshare(CloneFlags::CLONE_NEWNET)?,
+            Some((uid_map, gid_map)) => {
+                unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)?;
 
-        // The server is not dumpable, which makes its `/proc/self` files,
-        // and those of this fork, owned by root. The child is dumpable for
-        // the three writes only: a Landlock-confined sibling cannot trace
-        // it, and `exec` replaces the server's memory right after.
-        nix::sys::prctl::set_dumpable(true)?;
-        // The kernel requires `setgroups` to be denied before an
-        // unprivileged process writes its `gid_map`.
-        let written = write_proc_file(c"/proc/self/setgroups", b"deny")
-            .and_then(|()| write_proc_file(c"/proc/self/uid_map", uid_map))
-            .and_then(|()| write_proc_file(c"/proc/self/gid_map", gid_map));
-        nix::sys::prctl::set_dumpable(false)?;
-        written
+                // The server is not dumpable, which makes its `/proc/self`
+                // files, and those of this fork, owned by root. The child is
+                // dumpable for the three writes only: a Landlock-confined
+                // sibling cannot trace it, and `exec` replaces the server's
+                // memory right after.
+                nix::sys::prctl::set_dumpable(true)?;
+                // The kernel requires `setgroups` to be denied before an
+                // unprivileged process writes its `gid_map`.
+                let written = write_proc_file(c"/proc/self/setgroups", b"deny")
+                    .and_then(|()| write_proc_file(c"/proc/self/uid_map", uid_map))
+                    .and_then(|()| write_proc_file(c"/proc/self/gid_map", gid_map));
+                nix::sys::prctl::set_dumpable(false)?;
+                written?;
+            }
+        }
+
+        if let Some(channel) = &self.proxy_channel {
+            handoff::send_proxy_listener(channel)?;
+        }
+        Ok(())
     }
 }
 
@@ -124,43 +147,58 @@ fn write_proc_file(path: &std::ffi::CStr, contents: &[u8]) -> nix::Result<()> {
 
 impl Confinement {
     /// Prepares the restriction of one child whose allowed directories are
-    /// `read_write` and `read_only`.
+    /// `read_write` and `read_only`. With `network`, the child may reach
+    /// the outside through the proxy: the returned socket then receives the
+    /// proxy listener the child opens in its namespace (see
+    /// [`Prepared::receive_proxy_listener`]).
     ///
     /// # Errors
     ///
-    /// Fails when the ruleset cannot be built and confinement is required.
-    pub fn prepare(&self, read_write: &[PathBuf], read_only: &[PathBuf]) -> Result<Prepared, String> {
+    /// Fails when the ruleset cannot be built and confinement is required,
+    /// or when `network` is requested where network namespaces cannot be made.
+    pub fn prepare(
+        &self,
+        read_write: &[PathBuf],
+        read_only: &[PathBuf],
+        network: bool,
+    ) -> Result<(Prepared, Option<ProxyReceiver>), String> {
         #[cfg(target_os = "linux")]
         {
-            match self.ruleset(read_write, read_only) {
-                Ok(ruleset) => Ok(Prepared {
-                    ruleset: Some(ruleset),
-                    namespace: NetworkNamespace::for_this_process(),
-                    limits: self.limits,
-                    required: self.required,
-                }),
-                Err(e) if self.required => Err(format!("cannot prepare the Landlock ruleset: {e}")),
+            let (namespace, server_end) = NetworkNamespace::for_this_process(network)
+                .map_err(|e| format!("cannot create the socket pair for the shell proxy: {e}"))?;
+            let proxy_port = network.then_some(crate::net::proxy::PROXY_PORT);
+            let ruleset = match self.ruleset(read_write, read_only, proxy_port) {
+                Ok(ruleset) => Some(ruleset),
+                Err(e) if self.required => return Err(format!("cannot prepare the Landlock ruleset: {e}")),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot prepare the Landlock ruleset; the child runs without it");
-                    Ok(Prepared {
-                        ruleset: None,
-                        namespace: NetworkNamespace::for_this_process(),
-                        limits: self.limits,
-                        required: false,
-                    })
+                    None
                 }
-            }
+            };
+            let prepared = Prepared {
+                required: self.required,
+                ruleset,
+                namespace,
+                limits: self.limits,
+            };
+            Ok((prepared, server_end.map(ProxyReceiver)))
         }
         #[cfg(not(target_os = "linux"))]
         {
             let _ = (read_write, read_only);
+            if network {
+                return Err("network access for shell children needs Linux network namespaces".into());
+            }
             if self.required {
                 return Err("Landlock confinement is only available on Linux".into());
             }
-            Ok(Prepared {
-                limits: self.limits,
-                required: false,
-            })
+            Ok((
+                Prepared {
+                    limits: self.limits,
+                    required: false,
+                },
+                None,
+            ))
         }
     }
 
@@ -169,9 +207,11 @@ impl Confinement {
         &self,
         read_write: &[PathBuf],
         read_only: &[PathBuf],
+        proxy_port: Option<u16>,
     ) -> Result<landlock::RulesetCreated, landlock::RulesetError> {
         use landlock::{
-            ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetCreatedAttr, path_beneath_rules,
+            ABI, Access, AccessFs, AccessNet, NetPort, Ruleset, RulesetAttr, RulesetCreatedAttr,
+            path_beneath_rules,
         };
 
         // The newest ABI these rules are written for; older kernels enforce
@@ -190,7 +230,13 @@ impl Confinement {
                 existing(&self.system_paths),
                 AccessFs::from_read(abi),
             ))?
-            .add_rules(path_beneath_rules(existing(&devices), AccessFs::from_file(abi)))
+            .add_rules(path_beneath_rules(existing(&devices), AccessFs::from_file(abi)))?
+            // The proxy port is the only one a child may connect to, and only
+            // inside its own namespace, where loopback is the only address.
+            .add_rules(
+                proxy_port
+                    .map(|port| Ok::<_, landlock::RulesetError>(NetPort::new(port, AccessNet::ConnectTcp))),
+            )
     }
 }
 
@@ -206,9 +252,11 @@ impl Prepared {
     pub fn apply(&mut self) -> std::io::Result<()> {
         // The namespace comes first: creating a user namespace needs a
         // process that Landlock does not restrict yet.
+        // A child with network access must not run outside its namespace,
+        // where its proxy port would be the host's.
         #[cfg(target_os = "linux")]
         if let Err(errno) = self.namespace.enter()
-            && self.required
+            && (self.required || self.namespace.proxy_channel.is_some())
         {
             return Err(std::io::Error::from(errno));
         }
@@ -256,7 +304,9 @@ impl Confinement {
             required: true,
             ..self.clone()
         };
-        let prepared = strict.prepare(&[], &[])?;
+        // With network access, so the probe also covers the namespace and
+        // the handoff of the proxy listener.
+        let (prepared, receiver) = strict.prepare(&[], &[], true)?;
         let mut command = tokio::process::Command::new("true");
         command.env_clear().env("PATH", "/usr/bin:/bin");
         #[cfg(unix)]
@@ -270,12 +320,190 @@ impl Confinement {
         }
         #[cfg(not(unix))]
         let _ = prepared;
-        match command.status().await {
-            Ok(status) if status.success() => {
-                Ok("a network namespace, Landlock (files and TCP) and resource limits".into())
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("a confined test process could not start: {e}"))?;
+        let handoff = receiver.map(ProxyReceiver::receive);
+        match child.wait().await {
+            Ok(status) if status.success() => {}
+            Ok(status) => return Err(format!("a confined test process failed ({status})")),
+            Err(e) => return Err(format!("a confined test process could not be waited for: {e}")),
+        }
+        match handoff {
+            Some(Ok(_listener)) => {}
+            Some(Err(e)) => {
+                return Err(format!(
+                    "the proxy listener did not arrive from the test process: {e}"
+                ));
             }
-            Ok(status) => Err(format!("a confined test process failed ({status})")),
-            Err(e) => Err(format!("a confined test process could not start: {e}")),
+            None => return Err("no socket pair for the proxy listener".into()),
+        }
+        Ok("a network namespace, Landlock (files and TCP) and resource limits".into())
+    }
+}
+
+/// The server's end of the socket pair that receives a child's proxy
+/// listener.
+pub struct ProxyReceiver(#[cfg_attr(not(target_os = "linux"), allow(dead_code))] std::os::fd::OwnedFd);
+
+impl ProxyReceiver {
+    /// Takes the listener the child sent before `exec`. Call it after the
+    /// child was spawned: spawning returns only once `exec` succeeded, so
+    /// the listener is waiting in the socket by then.
+    ///
+    /// # Errors
+    ///
+    /// Fails when no listener arrived.
+    pub fn receive(self) -> std::io::Result<std::net::TcpListener> {
+        #[cfg(target_os = "linux")]
+        {
+            handoff::receive_listener(&self.0)
+        }
+        #[cfg(not(target_os = "linux"))]
+        Err(std::io::Error::other("no network namespaces on this platform"))
+    }
+}
+
+/// Passing the proxy listener from the child to the server over a Unix
+/// socket pair, with raw system calls the child may make after `fork`.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod handoff {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use nix::libc;
+
+    use crate::net::proxy::PROXY_PORT;
+
+    /// Room for one file descriptor in a control message, aligned for `cmsghdr`.
+    type ControlBuffer = [u64; 4];
+
+    /// Creates a Unix stream socket pair; both ends close on `exec`.
+    pub(super) fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors the call writes.
+        let result = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if result != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the call succeeded, so both descriptors are open and ours.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    }
+
+    fn check(result: libc::c_int) -> nix::Result<libc::c_int> {
+        if result < 0 {
+            Err(nix::errno::Errno::last())
+        } else {
+            Ok(result)
+        }
+    }
+
+    /// Brings loopback up in the child's new namespace, listens on
+    /// 127.0.0.1:PROXY_PORT and sends the listening socket over `channel`.
+    /// Runs between `fork` and `exec`: system calls on stack memory only.
+    pub(super) fn send_proxy_listener(channel: &OwnedFd) -> nix::Result<()> {
+        // SAFETY: every pointer passed below is to a local of the right type
+        // and size, and every descriptor is one this function opened.
+        unsafe {
+            let control_socket = check(libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                0,
+            ))?;
+            let mut request: libc::ifreq = std::mem::zeroed();
+            request.ifr_name[0] = b'l' as libc::c_char;
+            request.ifr_name[1] = b'o' as libc::c_char;
+            request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            let raised = check(libc::ioctl(control_socket, libc::SIOCSIFFLAGS as _, &request));
+            libc::close(control_socket);
+            raised?;
+
+            let listener = check(libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+            ))?;
+            let mut address: libc::sockaddr_in = std::mem::zeroed();
+            address.sin_family = libc::AF_INET as libc::sa_family_t;
+            address.sin_port = PROXY_PORT.to_be();
+            address.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+            let opened = check(libc::bind(
+                listener,
+                (&raw const address).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ))
+            .and_then(|_| check(libc::listen(listener, 128)))
+            .and_then(|_| send_fd(channel.as_raw_fd(), listener));
+            libc::close(listener);
+            opened.map(drop)
+        }
+    }
+
+    /// Sends `fd` as an `SCM_RIGHTS` message with one byte of data.
+    unsafe fn send_fd(channel: libc::c_int, fd: libc::c_int) -> nix::Result<libc::c_int> {
+        // SAFETY: the message points to locals that live through the call,
+        // and the control buffer has room for one header and one descriptor.
+        unsafe {
+            let mut byte = [0u8; 1];
+            let mut data = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            let mut control: ControlBuffer = [0; 4];
+            let mut message: libc::msghdr = std::mem::zeroed();
+            message.msg_iov = &raw mut data;
+            message.msg_iovlen = 1;
+            message.msg_control = control.as_mut_ptr().cast();
+            message.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as _;
+            let header = libc::CMSG_FIRSTHDR(&raw const message);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>(), fd);
+            check(libc::sendmsg(channel, &raw const message, 0) as libc::c_int)
+        }
+    }
+
+    /// Receives the listening socket the child sent.
+    pub(super) fn receive_listener(channel: &OwnedFd) -> std::io::Result<std::net::TcpListener> {
+        // SAFETY: as in `send_fd`; the received descriptor is new and ours.
+        unsafe {
+            let mut byte = [0u8; 1];
+            let mut data = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            let mut control: ControlBuffer = [0; 4];
+            let mut message: libc::msghdr = std::mem::zeroed();
+            message.msg_iov = &raw mut data;
+            message.msg_iovlen = 1;
+            message.msg_control = control.as_mut_ptr().cast();
+            message.msg_controllen = std::mem::size_of::<ControlBuffer>() as _;
+            let received = libc::recvmsg(
+                channel.as_raw_fd(),
+                &raw mut message,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+            );
+            if received < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let header = libc::CMSG_FIRSTHDR(&raw const message);
+            if received == 0
+                || header.is_null()
+                || (*header).cmsg_level != libc::SOL_SOCKET
+                || (*header).cmsg_type != libc::SCM_RIGHTS
+            {
+                return Err(std::io::Error::other("the child sent no proxy listener"));
+            }
+            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>());
+            Ok(std::net::TcpListener::from(OwnedFd::from_raw_fd(fd)))
         }
     }
 }

@@ -7,8 +7,24 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use super::confine::Prepared;
+use super::confine::{Prepared, ProxyReceiver};
 use super::rules::Plan;
+use crate::decision::Decisions;
+use crate::net::egress::Egress;
+use crate::net::proxy::{self, PROXY_PORT};
+
+/// What a child with network access needs: the receiving end of its proxy
+/// listener, and what the proxy checks and records requests with.
+pub struct ProxyContext {
+    /// Receives the listener the child opens in its namespace.
+    pub receiver: ProxyReceiver,
+    /// The policy's outgoing-HTTP rules.
+    pub egress: std::sync::Arc<Egress>,
+    /// The run's decisions.
+    pub decisions: Decisions,
+    /// The plugin, for logs.
+    pub plugin: String,
+}
 
 /// Time output is still read after the child exited and its group was killed.
 /// A stream that another process keeps open must not block the call.
@@ -60,19 +76,28 @@ impl Drop for GroupGuard {
 
 /// Runs `plan` with `stdin`, keeping at most `cap` bytes of each output
 /// stream, and kills its process group after `timeout` or when it exits.
+/// With `proxy`, serves the child's proxy while it runs.
 pub async fn run(
     plan: &Plan,
     stdin: Option<Vec<u8>>,
     cap: usize,
     timeout: Duration,
     confinement: Prepared,
+    proxy: Option<ProxyContext>,
 ) -> Result<Finished, ExecError> {
     let started = Instant::now();
     let mut command = command_for(plan);
     command
         .current_dir(&plan.cwd)
         .env_clear()
-        .envs(plan.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(plan.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    if proxy.is_some() {
+        let url = format!("http://127.0.0.1:{PROXY_PORT}");
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            command.env(name, &url);
+        }
+    }
+    command
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -103,6 +128,11 @@ pub async fn run(
     let _guard = GroupGuard {
         pgid: child.id().and_then(|id| i32::try_from(id).ok()),
     };
+    // Dropping the handle's guard ends the proxy and its connections.
+    let _proxy = match proxy {
+        Some(context) => Some(start_proxy(context).map_err(ExecError::Spawn)?),
+        None => None,
+    };
 
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
         tokio::spawn(async move {
@@ -130,6 +160,23 @@ pub async fn run(
         truncated: stdout_cut || stderr_cut,
         duration: started.elapsed(),
     })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn start_proxy(context: ProxyContext) -> std::io::Result<AbortOnDrop> {
+    let listener = context.receiver.receive()?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let serving = proxy::serve(listener, context.egress, context.decisions, context.plugin);
+    Ok(AbortOnDrop(tokio::spawn(serving)))
 }
 
 async fn drain(task: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u8>, bool) {

@@ -18,6 +18,7 @@ use self::bindings::apex::task::shell::{self as wit, Host};
 use self::confine::Confinement;
 use self::rules::ShellRules;
 use crate::decision::{Decision, Decisions};
+use crate::net::egress::Egress;
 use crate::policy::PathMode;
 
 mod bindings {
@@ -55,12 +56,14 @@ impl Shell {
         }
     }
 
-    /// Creates the shell state of one run.
-    pub fn for_run(self: &Arc<Self>, plugin: &str, decisions: Decisions) -> ShellCalls {
+    /// Creates the shell state of one run. `egress` checks the requests of
+    /// children whose entry grants network access.
+    pub fn for_run(self: &Arc<Self>, plugin: &str, decisions: Decisions, egress: Arc<Egress>) -> ShellCalls {
         ShellCalls {
             shell: self.clone(),
             plugin: plugin.to_owned(),
             decisions,
+            egress,
         }
     }
 }
@@ -89,6 +92,7 @@ pub struct ShellCalls {
     shell: Arc<Shell>,
     plugin: String,
     decisions: Decisions,
+    egress: Arc<Egress>,
 }
 
 impl ShellCalls {
@@ -146,20 +150,32 @@ impl Host for ShellCalls {
             .map(|p| p.path.clone())
             .collect();
         read_only.push(self.shell.rules.home.clone());
-        let confinement = match self.shell.confinement.prepare(&read_write, &read_only) {
-            Ok(prepared) => prepared,
-            Err(reason) => {
-                tracing::error!(plugin = %self.plugin, %argv, %reason, "cannot confine a shell call");
-                self.record(argv, true, reason.clone(), None, None);
-                return Err(wit::Error::Failed(reason));
-            }
-        };
+        let (confinement, receiver) =
+            match self
+                .shell
+                .confinement
+                .prepare(&read_write, &read_only, plan.network)
+            {
+                Ok(prepared) => prepared,
+                Err(reason) => {
+                    tracing::error!(plugin = %self.plugin, %argv, %reason, "cannot confine a shell call");
+                    self.record(argv, true, reason.clone(), None, None);
+                    return Err(wit::Error::Failed(reason));
+                }
+            };
+        let proxy = receiver.map(|receiver| exec::ProxyContext {
+            receiver,
+            egress: self.egress.clone(),
+            decisions: self.decisions.clone(),
+            plugin: self.plugin.clone(),
+        });
         let result = exec::run(
             &plan,
             options.stdin,
             self.shell.output_cap,
             self.shell.timeout,
             confinement,
+            proxy,
         )
         .await;
 

@@ -66,6 +66,9 @@ pub struct ShellEntry {
     pub tokens: Vec<String>,
     /// Whether the entry ends with a space: at least one more argument is required.
     pub needs_argument: bool,
+    /// Whether a matching command reaches the network through the host's
+    /// proxy (`{prefix: ..., network: true}`), rather than having none.
+    pub network: bool,
 }
 
 impl ShellEntry {
@@ -80,6 +83,7 @@ impl ShellEntry {
             raw: raw.to_owned(),
             tokens,
             needs_argument: raw.ends_with(' '),
+            network: false,
         })
     }
 
@@ -196,6 +200,8 @@ pub struct Plan {
     pub cwd: PathBuf,
     /// The whole environment of the child.
     pub env: Vec<(String, String)>,
+    /// Whether the child reaches the network through the proxy.
+    pub network: bool,
 }
 
 impl ShellRules {
@@ -233,6 +239,7 @@ impl ShellRules {
 
         Ok(Plan {
             env: self.environment(is_git),
+            network: entry.network,
             program,
             argv,
             cwd,
