@@ -4,7 +4,7 @@
 //! Such a child runs in a network namespace of its own, where the only
 //! address is loopback. Before `exec` it opens a listening socket on
 //! `127.0.0.1:PORT` inside that namespace and hands it to the server, which
-//! serves this proxy on it; the child finds it in `HTTP_PROXY` and
+//! serves this proxy on it. The child finds the proxy in `HTTP_PROXY` and
 //! `HTTPS_PROXY`. Landlock lets the child connect to that port only. So the
 //! child stays in its namespace, and every connection it makes to the
 //! outside is one the proxy opened after the checks a task's request gets.

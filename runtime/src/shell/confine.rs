@@ -57,7 +57,7 @@ pub struct Prepared {
     required: bool,
 }
 
-/// How a child gets its own network namespace, decided in the parent.
+/// The settings for a child's own network namespace, decided in the parent.
 #[cfg(target_os = "linux")]
 #[derive(Debug)]
 struct NetworkNamespace {
@@ -150,7 +150,7 @@ impl Confinement {
     /// `read_write` and `read_only`. With `network`, the child may reach
     /// the outside through the proxy: the returned socket then receives the
     /// proxy listener the child opens in its namespace (see
-    /// [`Prepared::receive_proxy_listener`]).
+    /// [`ProxyReceiver::receive`]).
     ///
     /// # Errors
     ///
