@@ -673,6 +673,66 @@ fn confined_child_has_no_network() {
     );
 }
 
+/// Returns the process ids whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            found.push(name);
+        }
+    }
+    found
+}
+
+#[test]
+fn fork_bomb_contained() {
+    let server = TestServer::start_with(Setup {
+        policy: "paths_allow: [{WORK}]\nshell_allow: [\"python3 -c \"]\n\
+                 shell_limits: {processes: 40}\ntimeouts: {shell_seconds: 20}\n"
+            .into(),
+    });
+    server.upload_plugin("shell-run");
+    let log = server.log();
+    assert!(log.contains("a pids cgroup per call"), "{log}");
+
+    // Forks until fork fails, then every process stays alive for a while.
+    let bomb = "import os, time\nn = 0\nwhile True:\n    try:\n        os.fork(); n += 1\n    except OSError:\n        break\nprint(n, flush=True)\ntime.sleep(2)";
+    let command = format!("python3 -c {}", shell_words::quote(bomb));
+    let started = Instant::now();
+    let output = shell(&server, &command, None);
+    assert!(started.elapsed() < Duration::from_secs(20), "{output}");
+    // Each process prints how many forks it made before the limit stopped
+    // it; together they never exceed the limit.
+    let stdout = output["stdout"].as_str().unwrap();
+    let processes = stdout.lines().count();
+    assert!((1..=40).contains(&processes), "{processes} processes: {output}");
+
+    let health = server.send(&common::Request::new("GET", "/healthz", ""));
+    assert_eq!(health.status, 200, "the server keeps serving");
+    assert!(
+        processes_with("import os, time").is_empty(),
+        "every process was killed"
+    );
+}
+
+#[test]
+fn setsid_child_killed_with_call() {
+    let server = open_shell();
+    // `setsid` leaves the process group; the cgroup still holds it.
+    let output = shell(&server, "sh -c 'setsid sleep 1234.5 & echo started'", None);
+    assert_eq!(output["stdout"], "started\n", "{output}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_with("1234.5").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(processes_with("1234.5").is_empty(), "the setsid child was killed");
+}
+
 /// Id of the user `nobody` on Debian and most Linux systems.
 const NOBODY: u32 = 65534;
 

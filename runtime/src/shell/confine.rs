@@ -53,8 +53,21 @@ pub struct Prepared {
     ruleset: Option<landlock::RulesetCreated>,
     #[cfg(target_os = "linux")]
     namespace: NetworkNamespace,
+    /// `cgroup.procs` of the call's pids cgroup, which the child joins.
+    #[cfg(target_os = "linux")]
+    cgroup_procs: Option<std::ffi::CString>,
     limits: ChildLimits,
     required: bool,
+}
+
+/// What the server keeps of a prepared restriction while the child runs.
+#[derive(Default)]
+pub struct Attachments {
+    /// Receives the child's proxy listener, for a child with network access.
+    pub proxy: Option<ProxyReceiver>,
+    /// The call's pids cgroup; dropping it kills what is left in it.
+    #[cfg(target_os = "linux")]
+    pub cgroup: Option<super::cgroup::CallCgroup>,
 }
 
 /// The settings for a child's own network namespace, decided in the parent.
@@ -130,7 +143,8 @@ impl NetworkNamespace {
     }
 }
 
-/// Writes `contents` to a file of `/proc` in one `write`, without allocating.
+/// Writes `contents` to a file of `/proc` or a cgroup in one `write`,
+/// without allocating.
 #[cfg(target_os = "linux")]
 fn write_proc_file(path: &std::ffi::CStr, contents: &[u8]) -> nix::Result<()> {
     use nix::fcntl::{OFlag, open};
@@ -161,7 +175,7 @@ impl Confinement {
         read_write: &[PathBuf],
         read_only: &[PathBuf],
         network: bool,
-    ) -> Result<(Prepared, Option<ProxyReceiver>), String> {
+    ) -> Result<(Prepared, Attachments), String> {
         #[cfg(target_os = "linux")]
         {
             let (namespace, server_end) = NetworkNamespace::for_this_process(network)
@@ -175,13 +189,31 @@ impl Confinement {
                     None
                 }
             };
+            let cgroup = match super::cgroup::parent() {
+                Ok(parent) => match parent.create(self.limits.processes) {
+                    Ok(cgroup) => Some(cgroup),
+                    Err(e) if self.required => return Err(format!("cannot create the pids cgroup: {e}")),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create the pids cgroup; the child runs without it");
+                        None
+                    }
+                },
+                // Without the privilege to create cgroups, RLIMIT_NPROC still
+                // limits a server that is not root.
+                Err(_) => None,
+            };
             let prepared = Prepared {
                 required: self.required,
                 ruleset,
                 namespace,
+                cgroup_procs: cgroup.as_ref().map(|c| c.procs_path().to_owned()),
                 limits: self.limits,
             };
-            Ok((prepared, server_end.map(ProxyReceiver)))
+            let attachments = Attachments {
+                proxy: server_end.map(|channel| ProxyReceiver { channel }),
+                cgroup,
+            };
+            Ok((prepared, attachments))
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -197,7 +229,7 @@ impl Confinement {
                     limits: self.limits,
                     required: false,
                 },
-                None,
+                Attachments::default(),
             ))
         }
     }
@@ -252,6 +284,13 @@ impl Prepared {
     pub fn apply(&mut self) -> std::io::Result<()> {
         // The namespace comes first: creating a user namespace needs a
         // process that Landlock does not restrict yet.
+        // Joining the cgroup needs write access to `cgroup.procs`, which
+        // Landlock takes away below.
+        #[cfg(target_os = "linux")]
+        if let Some(procs) = &self.cgroup_procs {
+            write_proc_file(procs, b"0").map_err(std::io::Error::from)?;
+        }
+
         // A child with network access must not run outside its namespace,
         // where its proxy port would be the host's.
         #[cfg(target_os = "linux")]
@@ -306,7 +345,8 @@ impl Confinement {
         };
         // With network access, so the probe also covers the namespace and
         // the handoff of the proxy listener.
-        let (prepared, receiver) = strict.prepare(&[], &[], true)?;
+        let (prepared, attachments) = strict.prepare(&[], &[], true)?;
+        let receiver = attachments.proxy;
         let mut command = tokio::process::Command::new("true");
         command.env_clear().env("PATH", "/usr/bin:/bin");
         #[cfg(unix)]
@@ -338,13 +378,25 @@ impl Confinement {
             }
             None => return Err("no socket pair for the proxy listener".into()),
         }
-        Ok("a network namespace, Landlock (files and TCP) and resource limits".into())
+        #[cfg(target_os = "linux")]
+        let processes = match super::cgroup::parent() {
+            Ok(_) => "a pids cgroup per call",
+            Err(_) => "no pids cgroup (RLIMIT_NPROC only, which root is exempt from)",
+        };
+        #[cfg(not(target_os = "linux"))]
+        let processes = "";
+        Ok(format!(
+            "a network namespace, Landlock (files and TCP), resource limits and {processes}"
+        ))
     }
 }
 
 /// The server's end of the socket pair that receives a child's proxy
 /// listener.
-pub struct ProxyReceiver(#[cfg_attr(not(target_os = "linux"), allow(dead_code))] std::os::fd::OwnedFd);
+pub struct ProxyReceiver {
+    #[cfg(target_os = "linux")]
+    channel: std::os::fd::OwnedFd,
+}
 
 impl ProxyReceiver {
     /// Takes the listener the child sent before `exec`. Call it after the
@@ -357,7 +409,7 @@ impl ProxyReceiver {
     pub fn receive(self) -> std::io::Result<std::net::TcpListener> {
         #[cfg(target_os = "linux")]
         {
-            handoff::receive_listener(&self.0)
+            handoff::receive_listener(&self.channel)
         }
         #[cfg(not(target_os = "linux"))]
         Err(std::io::Error::other("no network namespaces on this platform"))

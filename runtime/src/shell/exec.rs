@@ -84,7 +84,12 @@ pub async fn run(
     timeout: Duration,
     confinement: Prepared,
     proxy: Option<ProxyContext>,
+    #[cfg(target_os = "linux")] cgroup: Option<super::cgroup::CallCgroup>,
 ) -> Result<Finished, ExecError> {
+    // Declared first, so it is dropped last: after the process group is
+    // killed, it kills whatever left the group, such as a `setsid` child.
+    #[cfg(target_os = "linux")]
+    let mut cgroup = CgroupGuard(cgroup);
     let started = Instant::now();
     let mut command = command_for(plan);
     command
@@ -148,8 +153,11 @@ pub async fn run(
         Err(_) => return Err(ExecError::TimedOut(timeout)),
     };
 
-    // Background processes the command left behind go with its group.
+    // Background processes the command left behind go with its group, and
+    // those that left the group with the cgroup.
     drop(_guard);
+    #[cfg(target_os = "linux")]
+    cgroup.kill_and_remove().await;
     let (stdout, stdout_cut) = drain(stdout).await;
     let (stderr, stderr_cut) = drain(stderr).await;
 
@@ -160,6 +168,33 @@ pub async fn run(
         truncated: stdout_cut || stderr_cut,
         duration: started.elapsed(),
     })
+}
+
+/// Removes the call's cgroup, killing what is left in it, off the async
+/// worker threads.
+#[cfg(target_os = "linux")]
+struct CgroupGuard(Option<super::cgroup::CallCgroup>);
+
+#[cfg(target_os = "linux")]
+impl CgroupGuard {
+    async fn kill_and_remove(&mut self) {
+        if let Some(cgroup) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        // On an early return (deadline, cancelled run) nobody waits for it.
+        if let Some(cgroup) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(cgroup))),
+                Err(_) => drop(cgroup),
+            }
+        }
+    }
 }
 
 /// Aborts a task when dropped.

@@ -4,6 +4,8 @@
 //! [`rules`] decides whether a call may run and how; [`exec`] runs it. Every
 //! call, allowed or denied, is logged and recorded as a decision of the run.
 
+#[cfg(target_os = "linux")]
+pub mod cgroup;
 pub mod confine;
 pub mod exec;
 pub mod rules;
@@ -150,7 +152,7 @@ impl Host for ShellCalls {
             .map(|p| p.path.clone())
             .collect();
         read_only.push(self.shell.rules.home.clone());
-        let (confinement, receiver) =
+        let (confinement, attachments) =
             match self
                 .shell
                 .confinement
@@ -163,7 +165,7 @@ impl Host for ShellCalls {
                     return Err(wit::Error::Failed(reason));
                 }
             };
-        let proxy = receiver.map(|receiver| exec::ProxyContext {
+        let proxy = attachments.proxy.map(|receiver| exec::ProxyContext {
             receiver,
             egress: self.egress.clone(),
             decisions: self.decisions.clone(),
@@ -176,6 +178,8 @@ impl Host for ShellCalls {
             self.shell.timeout,
             confinement,
             proxy,
+            #[cfg(target_os = "linux")]
+            attachments.cgroup,
         )
         .await;
 
