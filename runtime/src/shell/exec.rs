@@ -13,8 +13,8 @@ use crate::decision::Decisions;
 use crate::net::egress::Egress;
 use crate::net::proxy::{self, PROXY_PORT};
 
-/// What a child with network access needs: the receiving end of its proxy
-/// listener, and what the proxy checks and records requests with.
+/// The proxy of a child with network access: the receiving end of its
+/// listener, and the rules and decisions the proxy checks and records with.
 pub struct ProxyContext {
     /// Receives the listener the child opens in its namespace.
     pub receiver: ProxyReceiver,
@@ -187,7 +187,8 @@ impl CgroupGuard {
 #[cfg(target_os = "linux")]
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
-        // On an early return (deadline, cancelled run) nobody waits for it.
+        // After an early return (deadline, cancelled run), the cleanup runs
+        // in the background.
         if let Some(cgroup) = self.0.take() {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => drop(runtime.spawn_blocking(move || drop(cgroup))),
