@@ -356,6 +356,9 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(what) => print_out(&format!("shell confinement: {what}\n")),
                 Err(reason) => print_out(&format!("shell confinement: unavailable ({reason})\n")),
             }
+            if let Some(gap) = policy.shell.confinement.process_limit_gap() {
+                print_out(&format!("shell process limit: none ({gap})\n"));
+            }
             print_out(&policy.describe_plugins());
             Ok(ExitCode::SUCCESS)
         }

@@ -154,6 +154,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             "shell children are NOT confined by the kernel ({reason}); set shell_confinement: required to refuse to start instead"
         ),
     }
+    match policy.shell.confinement.process_limit_gap() {
+        Some(gap) if policy.shell.confinement.required => {
+            anyhow::bail!("shell_confinement is required, but {gap}")
+        }
+        Some(gap) => tracing::warn!("{gap}; set shell_confinement: required to refuse to start instead"),
+        None => {}
+    }
 
     // Room for two maximal bodies; more waits, then gets a 503.
     let largest = policy.limits.upload_bytes.max(policy.limits.input_bytes);

@@ -801,6 +801,37 @@ fn unprivileged_server_confines_children() {
 }
 
 #[test]
+fn required_confinement_needs_process_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), "shell_confinement: required\n").unwrap();
+    let mut server = common::serve_command(dir.path())
+        .env("APEX_SHARED_KEY", common::KEY)
+        .env("APEX_TEST_NO_CGROUP", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    if nix::unistd::geteuid().is_root() {
+        // Root is exempt from RLIMIT_NPROC: without a cgroup, no limit is left.
+        let output = server.wait_with_output().unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("no process limit"), "{stderr}");
+    } else {
+        // RLIMIT_NPROC applies, so the server starts.
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        server.kill().unwrap();
+        assert!(line.starts_with("apex listening on "), "{line}");
+    }
+}
+
+#[test]
 fn required_confinement_refuses_to_start_without_support() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), "shell_confinement: required\n").unwrap();

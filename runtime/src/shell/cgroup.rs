@@ -27,6 +27,10 @@ pub struct CgroupParent {
     dir: PathBuf,
 }
 
+/// Environment variable that makes the server act as if it could not create
+/// cgroups, so the refusal to start can be tested where it can.
+pub const DISABLE_FOR_TESTS: &str = "APEX_TEST_NO_CGROUP";
+
 static PARENT: OnceLock<Result<CgroupParent, String>> = OnceLock::new();
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -41,6 +45,9 @@ pub fn parent() -> Result<&'static CgroupParent, &'static str> {
 
 impl CgroupParent {
     fn find() -> Result<CgroupParent, String> {
+        if std::env::var_os(DISABLE_FOR_TESTS).is_some() {
+            return Err(format!("cgroups are disabled by {DISABLE_FOR_TESTS}"));
+        }
         let membership = std::fs::read_to_string("/proc/self/cgroup")
             .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
         let candidates = candidates(&membership, Path::new("/sys/fs/cgroup"));

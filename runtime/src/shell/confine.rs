@@ -391,6 +391,25 @@ impl Confinement {
     }
 }
 
+impl Confinement {
+    /// Returns why no process limit applies to children, if none does: the
+    /// server runs as root, which `RLIMIT_NPROC` exempts, and cannot create
+    /// a pids cgroup.
+    pub fn process_limit_gap(&self) -> Option<String> {
+        #[cfg(target_os = "linux")]
+        {
+            if !nix::unistd::geteuid().is_root() {
+                return None;
+            }
+            super::cgroup::parent().err().map(|reason| {
+                format!("the server runs as root, which RLIMIT_NPROC exempts, and {reason}, so shell children have no process limit")
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+}
+
 /// The server's end of the socket pair that receives a child's proxy
 /// listener.
 pub struct ProxyReceiver {
