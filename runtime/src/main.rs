@@ -222,13 +222,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli.command)) {
+    let code = match runtime.block_on(execute(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // A compile still running on a blocking thread cannot be interrupted;
+    // the process exits without waiting for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// Writes to stdout; a closed pipe (`apex ... | head`) is not an error.

@@ -51,7 +51,9 @@ pub struct Registry {
     engine: Arc<Engine>,
     store: Arc<PluginStore>,
     plugins: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
-    compiles: Semaphore,
+    /// Held by the blocking compile itself, so a compile whose request was
+    /// abandoned still counts until it ends.
+    compiles: Arc<Semaphore>,
     changes: tokio::sync::Mutex<()>,
 }
 
@@ -65,7 +67,7 @@ impl Registry {
             engine,
             store,
             plugins: RwLock::new(HashMap::new()),
-            compiles: Semaphore::new(CONCURRENT_COMPILES),
+            compiles: Arc::new(Semaphore::new(CONCURRENT_COMPILES)),
             changes: tokio::sync::Mutex::new(()),
         };
 
@@ -115,10 +117,16 @@ impl Registry {
             return Ok((plugin, "from cached compiled code"));
         }
 
-        let _permit = self.compiles.acquire().await.map_err(|e| e.to_string())?;
+        let permit = self
+            .compiles
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
         let engine = self.engine.clone();
         let store = self.store.clone();
         let plugin = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let wasm = store.read_wasm(&record).map_err(|e| e.to_string())?;
             let compiled = engine.compile(&wasm).map_err(|e| e.to_string())?;
             let mut record = record;
@@ -169,15 +177,19 @@ impl Registry {
     pub async fn upload(&self, name: &str, wasm: bytes::Bytes) -> Result<PluginRecord, UploadError> {
         let engine = self.engine.clone();
         let compiled = {
-            let _permit = self
+            let permit = self
                 .compiles
-                .acquire()
+                .clone()
+                .acquire_owned()
                 .await
                 .map_err(|e| UploadError::Host(e.to_string()))?;
             let wasm = wasm.clone();
-            tokio::task::spawn_blocking(move || engine.compile(&wasm))
-                .await
-                .map_err(|e| UploadError::Host(e.to_string()))??
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                engine.compile(&wasm)
+            })
+            .await
+            .map_err(|e| UploadError::Host(e.to_string()))??
         };
 
         let mut record = PluginRecord {

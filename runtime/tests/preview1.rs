@@ -281,3 +281,82 @@ fn component_new_rejects_what_it_cannot_wrap() {
         assert!(!output.exists(), "{name}: nothing is written on failure");
     }
 }
+
+#[test]
+fn module_with_too_many_imports_is_rejected() {
+    // Duplicate imports are valid, but wit-component handles them in time
+    // quadratic in their number.
+    let imports: String = (0..300)
+        .map(|_| r#"(import "wasi_snapshot_preview1" "sched_yield" (func (result i32)))"#)
+        .collect();
+    let wasm = wat::parse_str(format!(
+        r#"(module {imports} (memory (export "memory") 1) (func (export "_start")))"#
+    ))
+    .unwrap();
+    let server = TestServer::start();
+    let message = upload_error(&server, &wasm);
+    assert!(message.contains("300 imports"), "{message}");
+}
+
+#[test]
+fn trap_text_is_capped() {
+    // Recursion until the stack overflows, through functions whose names
+    // (in the name section, chosen by the module) are 50,000 bytes long.
+    let name = "x".repeat(50_000);
+    let wasm = wat::parse_str(format!(
+        r#"(module
+            (memory (export "memory") 1)
+            (func ${name}a (call ${name}b))
+            (func ${name}b (call ${name}a))
+            (func (export "_start") (call ${name}a)))"#
+    ))
+    .unwrap();
+    let server = TestServer::start();
+    assert_eq!(server.upload("deep", &wasm).status, 201);
+    let result = server.run("deep", json!({}));
+    assert_eq!(result["status"], "failed", "{}", &result.to_string()[..500]);
+    let error = result["error"].as_str().unwrap();
+    assert!(
+        error.len() <= 16 * 1024 + 64,
+        "{} bytes of error text",
+        error.len()
+    );
+    assert!(
+        error.ends_with(" bytes)"),
+        "the text was cut: {}",
+        &error[error.len() - 100..]
+    );
+}
+
+#[test]
+fn stop_does_not_wait_for_a_slow_compile() {
+    // Deeply nested blocks take Cranelift minutes to compile.
+    let depth = 100_000;
+    let wat = format!(
+        r#"(module (memory (export "memory") 1) (func (export "_start") {} {}))"#,
+        "(block ".repeat(depth),
+        ")".repeat(depth)
+    );
+    let wasm = wat::parse_str(wat).unwrap();
+    let mut server = TestServer::start();
+    let addr = server.addr.clone();
+    // The client gives up after a second; the compile goes on without it.
+    std::thread::spawn(move || {
+        let request = common::Request::new("PUT", "/v1/plugins/slow", wasm).signed();
+        let stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let _ = std::panic::catch_unwind(|| common::exchange(stream, &addr, &request));
+    })
+    .join()
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    server.stop();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "the server took {:?} to stop",
+        started.elapsed()
+    );
+}

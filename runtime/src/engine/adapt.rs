@@ -14,6 +14,11 @@ use wasi_preview1_component_adapter_provider::{
 };
 use wasmparser::{ExternalKind, Parser, Payload};
 
+/// Most imports a preview-1 module may have. The interface has 46 functions,
+/// and toolchains import some twice (Go imports `fd_write` twice);
+/// wit-component renames duplicates in time quadratic in their number.
+const MAX_IMPORTS: usize = 256;
+
 /// Prefix of the custom sections in which `wit-bindgen` embeds the WIT world
 /// a module was built for.
 const COMPONENT_TYPE_SECTION: &str = "component-type";
@@ -31,6 +36,8 @@ pub struct ModuleShape {
     /// Imports from modules other than `wasi_snapshot_preview1`, as
     /// `module::name`.
     pub foreign_imports: Vec<String>,
+    /// Number of imports.
+    pub imports: usize,
 }
 
 /// Reads the imports, exports and custom sections of a core module.
@@ -45,6 +52,7 @@ pub fn inspect(module: &[u8]) -> Result<ModuleShape, String> {
             Payload::ImportSection(imports) => {
                 for import in imports.into_imports() {
                     let import = import.map_err(|e| e.to_string())?;
+                    shape.imports += 1;
                     if import.module != WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME {
                         shape
                             .foreign_imports
@@ -79,6 +87,7 @@ pub fn inspect(module: &[u8]) -> Result<ModuleShape, String> {
 /// Returns why the module is not such a command, or the adapter's error.
 pub fn command_component(module: &[u8]) -> Result<Vec<u8>, String> {
     let shape = inspect(module)?;
+    check_import_count(&shape)?;
     if let Some(import) = shape.foreign_imports.first() {
         return Err(format!(
             "it imports `{import}`, and a preview-1 command may import only from `{WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME}`"
@@ -113,6 +122,7 @@ pub fn component(module: &[u8]) -> Result<Vec<u8>, String> {
         _ => return Err("it is not a WebAssembly binary".into()),
     }
     let shape = inspect(module)?;
+    check_import_count(&shape)?;
     let adapter = if shape.has_start {
         WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER
     } else if shape.has_world {
@@ -123,6 +133,16 @@ pub fn component(module: &[u8]) -> Result<Vec<u8>, String> {
         );
     };
     encode(module, adapter)
+}
+
+fn check_import_count(shape: &ModuleShape) -> Result<(), String> {
+    if shape.imports > MAX_IMPORTS {
+        return Err(format!(
+            "it has {} imports, more than the {MAX_IMPORTS} a preview-1 module may have",
+            shape.imports
+        ));
+    }
+    Ok(())
 }
 
 fn encode(module: &[u8], adapter: &[u8]) -> Result<Vec<u8>, String> {

@@ -596,8 +596,12 @@ fn check_header(bytes: &[u8]) -> Result<SourceFormat, CompileError> {
     }
 }
 
+/// Longest error text of a trap kept in a run result. Names in a module's
+/// name section end up in it, and a module chooses them.
+const MAX_TRAP_TEXT: usize = 16 * 1024;
+
 /// Formats a trap or host error for the run result: the message and its
-/// causes, without the guest backtrace.
+/// causes, without the guest backtrace, cut at [`MAX_TRAP_TEXT`] bytes.
 fn describe_trap(error: &wasmtime::Error) -> String {
     let mut message = error.to_string();
     for cause in error.chain().skip(1) {
@@ -610,5 +614,5 @@ fn describe_trap(error: &wasmtime::Error) -> String {
             message.push_str(&cause);
         }
     }
-    message
+    crate::truncate_text(&message, MAX_TRAP_TEXT)
 }
