@@ -827,6 +827,7 @@ fn required_confinement_needs_process_limit() {
         )
         .unwrap();
         server.kill().unwrap();
+        server.wait().unwrap();
         assert!(line.starts_with("apex listening on "), "{line}");
     }
 }
