@@ -23,18 +23,54 @@ pub struct Decision {
     pub duration_ms: Option<u64>,
 }
 
+/// Decisions kept per run. A task (or a shell child, through its proxy) can
+/// make requests in a loop; past this many, decisions are only counted, so
+/// the run result, the audit log and the server log stay bounded.
+pub const MAX_DECISIONS: usize = 1000;
+
 /// The decisions of one run, shared with the hooks that make them.
 #[derive(Debug, Clone, Default)]
-pub struct Decisions(Arc<Mutex<Vec<Decision>>>);
+pub struct Decisions(Arc<Mutex<Recorded>>);
+
+#[derive(Debug, Default)]
+struct Recorded {
+    kept: Vec<Decision>,
+    dropped: u64,
+}
 
 impl Decisions {
-    /// Records one decision.
-    pub fn push(&self, decision: Decision) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(decision);
+    /// Records one decision. Returns false when the run already has
+    /// [`MAX_DECISIONS`] and the decision was only counted; callers then
+    /// skip their log line too.
+    pub fn push(&self, decision: Decision) -> bool {
+        let mut recorded = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if recorded.kept.len() < MAX_DECISIONS {
+            recorded.kept.push(decision);
+            true
+        } else {
+            recorded.dropped += 1;
+            false
+        }
     }
 
-    /// Returns the decisions made so far.
+    /// Returns the decisions made so far, ending with a note of how many
+    /// were not kept, if any.
     pub fn snapshot(&self) -> Vec<Decision> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let recorded = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut decisions = recorded.kept.clone();
+        if recorded.dropped > 0 {
+            decisions.push(Decision {
+                capability: "decisions",
+                target: String::new(),
+                allowed: false,
+                reason: format!(
+                    "{} more decisions were made but not recorded: a run keeps at most {MAX_DECISIONS}",
+                    recorded.dropped
+                ),
+                exit_code: None,
+                duration_ms: None,
+            });
+        }
+        decisions
     }
 }

@@ -673,6 +673,61 @@ fn confined_child_has_no_network() {
     );
 }
 
+#[test]
+fn child_cannot_signal_server_or_change_host() {
+    let server = open_shell();
+
+    // Landlock's signal scope: the server is outside the child's domain.
+    let output = shell(&server, "python3 -c 'import os; os.kill(os.getppid(), 0)'", None);
+    assert_ne!(output["exit_code"], 0, "{output}");
+    assert!(
+        output["stderr"].as_str().unwrap().contains("PermissionError"),
+        "{output}"
+    );
+
+    // The user namespace: even a child of a root server holds no
+    // capability over the host's hostname (or network, or devices).
+    let output = shell(&server, "sh -c 'hostname \"$(hostname)\"'", None);
+    assert_ne!(output["exit_code"], 0, "{output}");
+
+    let health = server.send(&common::Request::new("GET", "/healthz", ""));
+    assert_eq!(health.status, 200);
+}
+
+#[test]
+fn inherited_descriptors_do_not_reach_children() {
+    // The server starts with descriptor 7 open on a file outside paths_allow.
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("secret.txt");
+    std::fs::write(&secret, "inherited secret").unwrap();
+    let wrapper = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        format!("exec 7< '{}'; exec \"$0\" \"$@\"", secret.display()),
+        env!("CARGO_BIN_EXE_apex").to_string(),
+    ];
+    let policy = "paths_allow: [{WORK}]\nshell_allow: [\"python3 -c \"]\n";
+    let server = TestServer::start_wrapped(
+        Setup {
+            policy: policy.into(),
+        },
+        wrapper,
+        |_| {},
+    );
+    server.upload_plugin("shell-run");
+
+    let output = shell(&server, "python3 -c 'import os; print(os.read(7, 100))'", None);
+    assert_ne!(output["exit_code"], 0, "{output}");
+    assert!(
+        !output["stdout"].as_str().unwrap().contains("inherited secret"),
+        "{output}"
+    );
+    assert!(
+        output["stderr"].as_str().unwrap().contains("Bad file descriptor"),
+        "{output}"
+    );
+}
+
 /// Returns the process ids whose command line contains `marker`.
 fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();

@@ -9,7 +9,7 @@ use common::{Setup, TestServer};
 use serde_json::{Value, json};
 
 /// Scripts the children run, written into the work directory.
-const SCRIPTS: [(&str, &str); 3] = [
+const SCRIPTS: [(&str, &str); 4] = [
     (
         "get.py",
         "import sys, urllib.request\n\
@@ -32,6 +32,14 @@ const SCRIPTS: [(&str, &str); 3] = [
          \x20       if not chunk: break\n\
          \x20       data += chunk\n\
          \x20   print(data.decode().split('\\r\\n\\r\\n', 1)[1])\n",
+    ),
+    (
+        // Sends N requests to the URL through the proxy, ignoring failures.
+        "many.py",
+        "import sys, urllib.request\n\
+         for _ in range(int(sys.argv[2])):\n\
+         \x20   try:\n        urllib.request.urlopen(sys.argv[1], timeout=10).read()\n\
+         \x20   except Exception:\n        pass\n",
     ),
     (
         "direct.py",
@@ -198,4 +206,29 @@ fn child_without_network_has_no_proxy() {
     assert_ne!(result["output"]["exit_code"], 0, "{result}");
     assert!(http_decisions(&result).is_empty(), "{result}");
     assert_eq!(http.requests(), 0);
+}
+
+#[test]
+fn decisions_per_run_are_capped() {
+    let http = LocalServer::http();
+    let server = apex(&http);
+
+    let result = shell(
+        &server,
+        &format!("python3 many.py http://denied.test:{}/ 1100", http.port),
+    );
+    let decisions = result["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 1001, "1000 kept and one note");
+    let note = decisions.last().unwrap();
+    assert_eq!(note["capability"], "decisions", "{note}");
+    let reason = note["reason"].as_str().unwrap();
+    // 1100 denials and the shell call itself: 101 over the limit.
+    assert!(reason.starts_with("101 more decisions"), "{reason}");
+
+    let log = server.log();
+    assert_eq!(
+        log.matches("outgoing request denied").count(),
+        1000,
+        "only recorded denials are logged"
+    );
 }

@@ -53,15 +53,17 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                     Err(error) => {
                         let code = error.downcast()?;
                         if let Some(reason) = denial_reason(code, &path, flags) {
-                            tracing::info!(path = %path, %reason, "file access denied");
-                            state.decisions.push(Decision {
+                            let recorded = state.decisions.push(Decision {
                                 capability: "file",
                                 target: crate::truncate_text(&path, 300),
                                 allowed: false,
-                                reason,
+                                reason: reason.clone(),
                                 exit_code: None,
                                 duration_ms: None,
                             });
+                            if recorded {
+                                tracing::info!(path = %path, %reason, "file access denied");
+                            }
                         }
                         Ok((Err(code),))
                     }

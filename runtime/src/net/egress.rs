@@ -244,15 +244,17 @@ impl Egress {
     > {
         let uri = request.uri().clone();
         let denied = |denial: Denial| {
-            tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
-            decisions.push(Decision {
+            let recorded = decisions.push(Decision {
                 capability: "http",
-                target: denial.target,
+                target: denial.target.clone(),
                 allowed: false,
-                reason: denial.reason,
+                reason: denial.reason.clone(),
                 exit_code: None,
                 duration_ms: None,
             });
+            if recorded {
+                tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
+            }
             HttpError::HttpRequestDenied
         };
 
@@ -415,12 +417,13 @@ impl Egress {
                 reason,
                 exit_code: None,
                 duration_ms: None,
-            });
+            })
         };
         let denied = |denial: Denial| {
-            tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
             let reason = format!("{} (from a shell child, through the proxy)", denial.reason);
-            record(denial.target, false, reason.clone());
+            if record(denial.target.clone(), false, reason.clone()) {
+                tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
+            }
             ProxyRefusal::Denied(reason)
         };
 

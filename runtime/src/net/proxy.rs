@@ -31,16 +31,28 @@ pub const PROXY_PORT: u16 = 3128;
 /// Largest request head the proxy reads.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
+/// Client connections one child may have open through its proxy at once;
+/// further ones wait in the listen backlog. Each takes two descriptors of
+/// the server.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the proxy on `listener` until the returned future is dropped,
 /// which also ends the connections it serves.
 pub(crate) async fn serve(listener: TcpListener, egress: Arc<Egress>, decisions: Decisions, plugin: String) {
     let mut connections = JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
                     let (egress, decisions, plugin) = (egress.clone(), decisions.clone(), plugin.clone());
-                    connections.spawn(async move { handle(client, &egress, &decisions, &plugin).await });
+                    connections.spawn(async move {
+                        handle(client, &egress, &decisions, &plugin).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(%plugin, error = %e, "the shell proxy cannot accept a connection");

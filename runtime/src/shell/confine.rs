@@ -1,18 +1,21 @@
-//! Kernel confinement of shell children: a network namespace, Landlock for
-//! files and TCP, and resource limits.
+//! Kernel confinement of shell children: user and network namespaces,
+//! Landlock for files, TCP, signals and abstract sockets, and resource limits.
 //!
 //! The allowlist decides which program starts; this bounds what it does
-//! then. Between `fork` and `exec` the child first moves into a new network
-//! namespace of its own, which has only a loopback interface that is down,
-//! so no socket of any protocol reaches the host's networks. A child of a
-//! server that is not root also gets a user namespace, which is what lets it
-//! create the network namespace, with its own user and group ids mapped to
-//! themselves. Then it restricts itself with a Landlock ruleset the server
-//! prepared. The ruleset grants read-write access to the read-write entries
-//! of `paths_allow`, read access to the read-only ones, and read and execute
-//! access to the system directories a program needs. It allows no TCP
-//! `connect` or `bind` at all. Last, the child sets limits on CPU time,
-//! address space, file size and processes.
+//! then. Between `fork` and `exec` the child joins its call's pids cgroup,
+//! if there is one. It moves into a new user namespace, with its own user
+//! and group ids mapped to themselves, and a new network namespace, which
+//! has only a loopback interface that is down. So no socket of any protocol
+//! reaches the host's networks, and the capabilities of a child of a root
+//! server reach only the namespaces it owns. It marks every descriptor but
+//! stdin, stdout and stderr close-on-exec. Then it restricts itself with a
+//! Landlock ruleset the server prepared: read-write access to the read-write
+//! entries of `paths_allow`, read access to the read-only ones, and read and
+//! execute access to the system directories a program needs. The ruleset
+//! allows no TCP `connect` or `bind` at all, and no signal to a process or
+//! connection to an abstract Unix socket outside the child's domain. Last,
+//! the child sets limits on CPU time, address space, file size, processes
+//! and open files.
 
 use std::path::PathBuf;
 
@@ -21,6 +24,9 @@ use std::path::PathBuf;
 pub const DEFAULT_SYSTEM_PATHS: [&str; 8] = [
     "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc", "/opt",
 ];
+
+/// Open files of each child (`RLIMIT_NOFILE`), the usual default soft limit.
+const CHILD_OPEN_FILES: u64 = 1024;
 
 /// Resource limits of each child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,8 +80,8 @@ pub struct Attachments {
 #[cfg(target_os = "linux")]
 #[derive(Debug)]
 struct NetworkNamespace {
-    /// For a server that is not root: the contents of `uid_map` and
-    /// `gid_map` of the user namespace created with the network namespace.
+    /// The contents of `uid_map` and `gid_map` of the user namespace created
+    /// with the network namespace.
     id_maps: Option<(Vec<u8>, Vec<u8>)>,
     /// For a child with network access: its end of the socket pair that
     /// carries its proxy listener to the server.
@@ -89,13 +95,13 @@ impl NetworkNamespace {
     fn for_this_process(network: bool) -> std::io::Result<(NetworkNamespace, Option<std::os::fd::OwnedFd>)> {
         let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
         // Each id maps to itself, so files the child creates keep the
-        // server's owner.
-        let id_maps = (!uid.is_root()).then(|| {
-            (
-                format!("{uid} {uid} 1\n").into_bytes(),
-                format!("{gid} {gid} 1\n").into_bytes(),
-            )
-        });
+        // server's owner. A child of a root server gets a user namespace
+        // too: its capabilities then reach only namespaces it owns, not the
+        // host's network, hostname, kernel log or devices.
+        let id_maps = Some((
+            format!("{uid} {uid} 1\n").into_bytes(),
+            format!("{gid} {gid} 1\n").into_bytes(),
+        ));
         let (proxy_channel, server_end) = if network {
             let (child_end, server_end) = handoff::socket_pair()?;
             (Some(child_end), Some(server_end))
@@ -242,21 +248,27 @@ impl Confinement {
         proxy_port: Option<u16>,
     ) -> Result<landlock::RulesetCreated, landlock::RulesetError> {
         use landlock::{
-            ABI, Access, AccessFs, AccessNet, NetPort, Ruleset, RulesetAttr, RulesetCreatedAttr,
+            ABI, Access, AccessFs, AccessNet, NetPort, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope,
             path_beneath_rules,
         };
 
         // The newest ABI these rules are written for; older kernels enforce
         // what they support (best effort), and `required` checks the result.
-        let abi = ABI::V5;
+        let abi = ABI::V6;
         let existing = |paths: &[PathBuf]| paths.iter().filter(|p| p.exists()).cloned().collect::<Vec<_>>();
         let devices = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"].map(PathBuf::from);
+
+        // Device nodes are never needed in an allowed directory.
+        let read_write_access = AccessFs::from_all(abi) & !(AccessFs::MakeChar | AccessFs::MakeBlock);
 
         Ruleset::default()
             .handle_access(AccessFs::from_all(abi))?
             .handle_access(AccessNet::from_all(abi))?
+            // No signals to processes outside the child's own domain (the
+            // server among them), and no abstract Unix sockets of the host.
+            .scope(Scope::from_all(abi))?
             .create()?
-            .add_rules(path_beneath_rules(existing(read_write), AccessFs::from_all(abi)))?
+            .add_rules(path_beneath_rules(existing(read_write), read_write_access))?
             .add_rules(path_beneath_rules(existing(read_only), AccessFs::from_read(abi)))?
             .add_rules(path_beneath_rules(
                 existing(&self.system_paths),
@@ -300,9 +312,29 @@ impl Prepared {
             return Err(std::io::Error::from(errno));
         }
 
+        // Descriptors the server inherited or opened without `O_CLOEXEC`
+        // must not reach the program; stdin, stdout and stderr stay.
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: `close_range` with CLOSE_RANGE_CLOEXEC only sets a
+            // flag on descriptors; it takes no pointers.
+            #[allow(unsafe_code)]
+            let result = unsafe {
+                nix::libc::syscall(
+                    nix::libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    nix::libc::CLOSE_RANGE_CLOEXEC,
+                )
+            };
+            if result != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+
         #[cfg(unix)]
         {
-            use nix::sys::resource::{Resource, setrlimit};
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
             let limits = [
                 (Resource::RLIMIT_CPU, self.limits.cpu_seconds),
                 (Resource::RLIMIT_AS, self.limits.memory_bytes),
@@ -312,6 +344,11 @@ impl Prepared {
             for (resource, value) in limits {
                 setrlimit(resource, value, value).map_err(std::io::Error::from)?;
             }
+            // The server raises its own open-file limit for clients; a child
+            // gets the usual 1024, or less if the hard limit is lower.
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+            let open_files = hard.min(CHILD_OPEN_FILES);
+            setrlimit(Resource::RLIMIT_NOFILE, open_files, open_files).map_err(std::io::Error::from)?;
         }
 
         #[cfg(target_os = "linux")]
