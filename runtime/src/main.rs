@@ -360,6 +360,9 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(what) => print_out(&format!("shell confinement: {what}\n")),
                 Err(reason) => print_out(&format!("shell confinement: unavailable ({reason})\n")),
             }
+            for warning in &policy.exposed_to_shell {
+                print_out(&format!("warning: {warning}\n"));
+            }
             if let Some(gap) = policy.shell.confinement.process_limit_gap() {
                 print_out(&format!("shell process limit: none ({gap})\n"));
             }

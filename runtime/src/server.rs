@@ -154,6 +154,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             "shell children are NOT confined by the kernel ({reason}); set shell_confinement: required to refuse to start instead"
         ),
     }
+    for warning in &policy.exposed_to_shell {
+        tracing::warn!("{warning}");
+    }
     match policy.shell.confinement.process_limit_gap() {
         Some(gap) if policy.shell.confinement.required => {
             anyhow::bail!("shell_confinement is required, but {gap}")

@@ -908,3 +908,24 @@ fn required_confinement_refuses_to_start_without_support() {
         .unwrap();
     assert!(String::from_utf8_lossy(&check.stdout).contains("shell confinement: unavailable"));
 }
+
+#[test]
+fn trusted_files_under_system_paths_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = format!(
+        "shell_allow: [\"echo \"]\nshell_system_paths: [{}, /usr, /lib, /lib64, /bin]\n",
+        dir.path().display()
+    );
+    std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["policy", "check", "policy.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    let expected = format!(
+        "warning: shell_system_paths entry {} contains the policy file",
+        dir.path().display()
+    );
+    assert!(stdout.contains(&expected), "{stdout}");
+}

@@ -224,6 +224,9 @@ pub struct Policy {
     pub api: ApiPolicy,
     /// Per-plugin sections, by plugin name.
     pub plugins: BTreeMap<String, PluginGrant>,
+    /// Files the server trusts that shell children can read, because a
+    /// `shell_system_paths` entry contains them; one warning each.
+    pub exposed_to_shell: Vec<String>,
 }
 
 /// The `api` section.
@@ -531,8 +534,13 @@ impl Policy {
                 audit_days: checker.days("retention.audit_days", raw.retention.audit_days, 365)?,
             },
             plugins: BTreeMap::new(),
+            exposed_to_shell: Vec::new(),
         };
         policy.shell.confinement = checker.confinement(&raw, policy.timeouts.shell)?;
+        if !policy.shell.entries.is_empty() {
+            policy.exposed_to_shell =
+                checker.exposed_to_shell(&policy.shell.confinement.system_paths, protected);
+        }
         policy.network.inject = checker.injections(&raw.network.inject)?;
         policy.plugins = checker.plugin_grants(base, &raw.plugins, &policy)?;
         Ok(policy)
@@ -804,6 +812,34 @@ impl Checker<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Lists the trusted files that a directory of `system_paths` contains,
+    /// where Landlock lets every shell child read them.
+    fn exposed_to_shell(&self, system_paths: &[PathBuf], protected: &ProtectedPaths) -> Vec<String> {
+        let mut trusted: Vec<(&str, &Path)> = vec![("the policy file", self.source)];
+        if let Some(data_dir) = &protected.data_dir {
+            trusted.push(("the data directory", data_dir));
+        }
+        for file in &protected.files {
+            trusted.push(("a file the server trusts", file));
+        }
+
+        let mut exposed = Vec::new();
+        for (what, given) in trusted {
+            let forms = path_forms(given);
+            if let Some(system) = system_paths
+                .iter()
+                .find(|s| forms.iter().any(|p| p.starts_with(s)))
+            {
+                exposed.push(format!(
+                    "shell_system_paths entry {} contains {what} ({}), so shell children can read it; move it or list narrower shell_system_paths",
+                    system.display(),
+                    given.display()
+                ));
+            }
+        }
+        exposed
     }
 
     fn seconds(&self, key: &str, value: Option<u64>, default: u64) -> Result<Duration, PolicyError> {
