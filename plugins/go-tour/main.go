@@ -144,7 +144,7 @@ func describeReadError(path string, err error) string {
 	case "open":
 		// The Go runtime passes descriptor -1 to path_open when no
 		// preopened directory name is a prefix of the cleaned path
-		// (preparePath in syscall/fs_wasip1.go, Go 1.27.3).
+		// (preparePath in syscall/fs_wasip1.go, Go 1.23.9 and 1.27.3).
 		return err.Error() + " (the path is not inside a preopened directory)"
 	case "read":
 		// fd_read on a directory fails with EBADF, not EISDIR (seen with
