@@ -23,9 +23,9 @@ pub struct Decision {
     pub duration_ms: Option<u64>,
 }
 
-/// Decisions kept per run. A task (or a shell child, through its proxy) can
-/// make requests in a loop; past this many, decisions are only counted, so
-/// the run result, the audit log and the server log stay bounded.
+/// Most decisions recorded per run. A task, or a shell child through its
+/// proxy, can make requests in a loop. Past this many, decisions are only
+/// counted, so the run result, the audit log and the server log stay bounded.
 pub const MAX_DECISIONS: usize = 1000;
 
 /// The decisions of one run, shared with the hooks that make them.
@@ -34,7 +34,7 @@ pub struct Decisions(Arc<Mutex<Recorded>>);
 
 #[derive(Debug, Default)]
 struct Recorded {
-    kept: Vec<Decision>,
+    recorded: Vec<Decision>,
     dropped: u64,
 }
 
@@ -44,8 +44,8 @@ impl Decisions {
     /// skip their log line too.
     pub fn push(&self, decision: Decision) -> bool {
         let mut recorded = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if recorded.kept.len() < MAX_DECISIONS {
-            recorded.kept.push(decision);
+        if recorded.recorded.len() < MAX_DECISIONS {
+            recorded.recorded.push(decision);
             true
         } else {
             recorded.dropped += 1;
@@ -57,7 +57,7 @@ impl Decisions {
     /// were not kept, if any.
     pub fn snapshot(&self) -> Vec<Decision> {
         let recorded = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut decisions = recorded.kept.clone();
+        let mut decisions = recorded.recorded.clone();
         if recorded.dropped > 0 {
             decisions.push(Decision {
                 capability: "decisions",

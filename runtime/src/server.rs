@@ -140,6 +140,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     create_private_dir(&options.data)
         .with_context(|| format!("cannot use data directory {}", options.data.display()))?;
     let data = options.data.canonicalize()?;
+    // Held until the server exits: a second server on the same directory
+    // would mark this one's runs interrupted and race on every record.
+    #[cfg(unix)]
+    let _data_lock = lock_data_dir(&data)?;
     for line in policy.describe().lines() {
         tracing::info!("{line}");
     }
@@ -495,4 +499,26 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = interrupt.await;
     tracing::info!("shutting down");
+}
+
+/// Takes an exclusive lock on `DATA/server.lock`, failing at once when
+/// another server holds it.
+#[cfg(unix)]
+fn lock_data_dir(data: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let path = data.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "data directory {} is in use by another apex server ({errno}); stop it or choose another --data",
+            data.display()
+        )
+    })
 }

@@ -602,3 +602,53 @@ fn each_request_logged_with_duration() {
         "the span names the target: {log}"
     );
 }
+
+#[test]
+fn command_with_wrong_run_type_rejected() {
+    let server = TestServer::start();
+    // `wasi:cli/run` whose `run` returns s32 instead of `result`.
+    let wat = r#"(component
+        (core module $m (func (export "run") (result i32) i32.const 0))
+        (core instance $i (instantiate $m))
+        (func $run (result s32) (canon lift (core func $i "run")))
+        (instance $command (export "run" (func $run)))
+        (export "wasi:cli/run@0.2.12" (instance $command)))"#;
+    let response = server.upload("wrong-run", &wat::parse_str(wat).unwrap());
+    assert_eq!(
+        response.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let message = response.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("must export `run: func() -> result`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn run_body_must_be_an_object() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+    for body in ["[]", "[{\"name\": \"Ada\"}]", "\"text\"", "null", "5"] {
+        let response = server.send(&common::Request::new("POST", "/v1/plugins/hello/run", body).signed());
+        assert_eq!(response.status, 400, "{body}");
+        assert_eq!(response.error_code(), "invalid_json", "{body}");
+    }
+}
+
+#[test]
+fn second_server_on_same_data_refused() {
+    let server = TestServer::start();
+    let output = common::serve_command(server.dir.path())
+        .env("APEX_SHARED_KEY", common::KEY)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another apex server"), "{stderr}");
+    // The first server still serves.
+    let health = server.send(&common::Request::new("GET", "/healthz", ""));
+    assert_eq!(health.status, 200);
+}

@@ -360,3 +360,27 @@ fn stop_does_not_wait_for_a_slow_compile() {
         started.elapsed()
     );
 }
+
+#[test]
+fn trap_in_adapter_explained() {
+    // Makes one WASI call, so the adapter sets up its state in the module's
+    // memory, overwrites all of memory as a runtime that assumes it owns it
+    // would, and makes another call.
+    let wasm = wat::parse_str(
+        r#"(module
+            (import "wasi_snapshot_preview1" "clock_time_get" (func $now (param i32 i64 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "_start")
+                (drop (call $now (i32.const 1) (i64.const 0) (i32.const 0)))
+                (memory.fill (i32.const 16) (i32.const 255)
+                    (i32.sub (i32.mul (memory.size) (i32.const 65536)) (i32.const 16)))
+                (drop (call $now (i32.const 1) (i64.const 0) (i32.const 0)))))"#,
+    )
+    .unwrap();
+    let server = TestServer::start();
+    assert_eq!(server.upload("clobber", &wasm).status, 201);
+    let result = server.run("clobber", json!({}));
+    assert_eq!(result["status"], "failed", "{result}");
+    let error = result["error"].as_str().unwrap();
+    assert!(error.contains("inside the WASI preview-1 adapter"), "{error}");
+}

@@ -89,6 +89,12 @@ pub(super) async fn run_plugin(
             wait: true,
             ..RunBody::default()
         }
+    } else if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        // serde would also fill the fields of a struct from an array, by position.
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "invalid run request: the body must be a JSON object such as {\"input\": <any JSON>}, or empty",
+        ));
     } else {
         serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(

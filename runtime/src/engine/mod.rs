@@ -362,10 +362,26 @@ impl Engine {
             });
         }
 
-        let exports_command = ty
+        let command_export = ty
             .exports(&self.engine)
-            .any(|(name, _)| name.starts_with(COMMAND_EXPORT_PREFIX));
-        if exports_command {
+            .find(|(name, _)| name.starts_with(COMMAND_EXPORT_PREFIX));
+        if let Some((name, item)) = command_export {
+            // Checked here, so a wrong signature fails the upload, not every run.
+            let wrong_type = || {
+                CompileError::Invalid(format!(
+                    "`{name}` must export `run: func() -> result`, as the wasi:cli world defines it"
+                ))
+            };
+            let ComponentItem::ComponentInstance(instance) = item.ty else {
+                return Err(wrong_type());
+            };
+            let Some(ComponentItem::ComponentFunc(run)) =
+                instance.get_export(&self.engine, "run").map(|export| export.ty)
+            else {
+                return Err(wrong_type());
+            };
+            run.typecheck::<(), (Result<(), ()>,)>(&ty.instance_type())
+                .map_err(|_| wrong_type())?;
             let command = CommandPre::new(pre).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
             return Ok(CompiledPlugin {
                 kind: PluginKind::Command,
@@ -613,6 +629,13 @@ fn describe_trap(error: &wasmtime::Error) -> String {
             message.push_str(": ");
             message.push_str(&cause);
         }
+    }
+    // Only modules wrapped at upload contain the adapter, whose functions
+    // appear in the backtrace under its module name.
+    if message.contains("wasi_snapshot_preview1[") {
+        message.push_str(
+            " (the trap is inside the WASI preview-1 adapter, whose state the module overwrote; modules built with Go 1.24 or newer do, see docs/plugins/go.md)",
+        );
     }
     crate::truncate_text(&message, MAX_TRAP_TEXT)
 }
