@@ -384,3 +384,15 @@ fn trap_in_adapter_explained() {
     let error = result["error"].as_str().unwrap();
     assert!(error.contains("inside the WASI preview-1 adapter"), "{error}");
 }
+
+#[test]
+fn memory_over_limit_names_the_policy_key() {
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {memory_mib: 64}\n".into(),
+    });
+    // A minimum of 10,000 pages (625 MiB).
+    let wasm =
+        wat::parse_str(r#"(module (memory (export "memory") 10000) (func (export "_start")))"#).unwrap();
+    let message = upload_error(&server, &wasm);
+    assert!(message.contains("limits.memory_mib"), "{message}");
+}

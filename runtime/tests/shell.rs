@@ -155,6 +155,13 @@ fn commands_outside_list_denied() {
     ] {
         assert_denied(&server, command, None, "matches no shell_allow entry");
     }
+    // `git clone` is the entry "git clone " without its required argument.
+    assert_denied(
+        &server,
+        "git clone",
+        None,
+        "the entry \"git clone \" requires at least one more argument",
+    );
 }
 
 #[test]

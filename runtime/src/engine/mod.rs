@@ -303,7 +303,15 @@ impl Engine {
                 Component::new(&self.engine, &adapted)
             }
         };
-        let component = component.map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let component = component.map_err(|e| {
+            let mut message = format!("{e:#}");
+            if message.contains("pooling allocator") {
+                message.push_str(
+                    "; the limit is set by limits.memory_mib (all memories of one run together) and limits.max_concurrent_runs in the policy",
+                );
+            }
+            CompileError::Invalid(message)
+        })?;
         self.link(component)
     }
 

@@ -484,7 +484,7 @@ impl Policy {
         let sha256 = crate::auth::sha256_hex(text);
         let raw: Option<RawPolicy> = serde_yaml_ng::from_slice(text).map_err(|e| PolicyError::Syntax {
             path: source.to_path_buf(),
-            message: e.to_string(),
+            message: plain_serde_message(&e.to_string()),
         })?;
         // An empty file is a policy that grants nothing.
         let raw = raw.unwrap_or_else(|| RawPolicy {
@@ -1307,6 +1307,20 @@ impl Checker<'_> {
 /// Returns `path` made absolute, and for each of its ancestors that exists,
 /// the ancestor's resolved location joined with the rest of the path. Every
 /// location a symlink along `path` leads to is in the list.
+/// Replaces the Rust type names in a serde message with what the policy
+/// file should contain.
+fn plain_serde_message(message: &str) -> String {
+    message
+        .replace(
+            "expected struct RawPolicy",
+            "expected a mapping of policy keys such as shell_allow and paths_allow",
+        )
+        .replace("expected struct ", "expected a mapping for ")
+        .replace("expected u64", "expected a whole number of 0 or more")
+        .replace("expected u32", "expected a whole number of 0 or more")
+        .replace("expected a sequence", "expected a list, such as [\"a\", \"b\"]")
+}
+
 fn path_forms(path: &Path) -> Vec<PathBuf> {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut forms = vec![absolute.clone()];

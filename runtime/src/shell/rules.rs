@@ -217,7 +217,17 @@ impl ShellRules {
             .iter()
             .filter(|e| e.matches(&argv))
             .max_by_key(|e| e.tokens.len())
-            .ok_or_else(|| format!("{:?} matches no shell_allow entry", shell_words::join(&argv)))?;
+            .ok_or_else(|| {
+                let mut reason = format!("{:?} matches no shell_allow entry", shell_words::join(&argv));
+                // The command is an entry's prefix without the argument it requires.
+                if let Some(entry) = self.entries.iter().find(|e| e.needs_argument && e.tokens == argv) {
+                    reason.push_str(&format!(
+                        "; the entry {:?} requires at least one more argument",
+                        entry.raw
+                    ));
+                }
+                reason
+            })?;
 
         let cwd = self.working_directory(cwd)?;
         let program = self.program(&argv[0], entry, &cwd)?;
