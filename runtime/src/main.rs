@@ -196,6 +196,16 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     use std::io::IsTerminal;
 
+    // Host errors reach tasks as text (wasi:io's `to-debug-string`), and
+    // with RUST_BACKTRACE set they would carry a backtrace of the server,
+    // with its source paths and crate versions. RUST_LIB_BACKTRACE governs
+    // captured backtraces only, so panics still print theirs.
+    // SAFETY: no other thread exists yet to read the environment.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+
     let (filter, filter_error) = match tracing_subscriber::EnvFilter::try_from_env("APEX_LOG") {
         Ok(filter) => (filter, None),
         Err(e) => (

@@ -476,3 +476,28 @@ fn invalid_network_policy_rejected() {
         assert!(stderr.contains(expected), "{policy}: {stderr}");
     }
 }
+
+#[test]
+fn host_backtraces_never_reach_tasks() {
+    // With RUST_BACKTRACE set, host errors would capture a backtrace, and
+    // wasi:io hands a task the error's debug text.
+    let upstream = LocalServer::http();
+    let port = upstream.port;
+    let policy = format!(
+        "network:\n  http_allow_domains: [\"api.test:{port}\"]\n  resolve: {{api.test: 127.0.0.1}}\n  \
+         allow_private_addresses: true\nlimits: {{response_mib: 1}}\n"
+    );
+    let wrapper = ["env", "RUST_BACKTRACE=1", env!("CARGO_BIN_EXE_apex")]
+        .map(String::from)
+        .to_vec();
+    let server = TestServer::start_wrapped(Setup { policy }, wrapper, |_| {});
+    server.upload_plugin("fetch");
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://api.test:{port}/big?bytes=3000000") }),
+    );
+    let error = result["error"].as_str().unwrap();
+    assert!(error.contains("body size exceeds limit"), "{error}");
+    assert!(!error.contains("backtrace"), "{error}");
+    assert!(!error.contains(".rs:"), "{error}");
+}
