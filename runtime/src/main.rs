@@ -382,6 +382,12 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Component {
             command: ComponentCommand::New { module, output },
         } => {
+            if output.exists() && std::fs::canonicalize(&output)? == std::fs::canonicalize(&module)? {
+                anyhow::bail!(
+                    "the output {} is the module itself; write the component to another file",
+                    output.display()
+                );
+            }
             let bytes =
                 std::fs::read(&module).with_context(|| format!("cannot read {}", module.display()))?;
             let component = apex::engine::adapt::component(&bytes)

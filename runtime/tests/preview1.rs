@@ -251,7 +251,7 @@ fn component_new_wraps_a_command_module() {
 #[test]
 fn component_new_rejects_what_it_cannot_wrap() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, Vec<u8>, &str); 3] = [
+    let cases: [(&str, Vec<u8>, &str); 5] = [
         ("text", b"not wasm at all".to_vec(), "not a WebAssembly binary"),
         (
             "component",
@@ -262,6 +262,19 @@ fn component_new_rejects_what_it_cannot_wrap() {
             "library",
             wat::parse_str(r#"(module (memory (export "memory") 1))"#).unwrap(),
             "no `_start` and carries no WIT world",
+        ),
+        (
+            "no-memory",
+            wat::parse_str(r#"(module (func (export "_start")))"#).unwrap(),
+            "exports no memory named `memory`",
+        ),
+        (
+            "env-import",
+            wat::parse_str(
+                r#"(module (import "env" "f" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
+            )
+            .unwrap(),
+            "imports `env::f`",
         ),
     ];
     for (name, bytes, expected) in cases {

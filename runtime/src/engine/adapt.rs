@@ -123,6 +123,16 @@ pub fn component(module: &[u8]) -> Result<Vec<u8>, String> {
     }
     let shape = inspect(module)?;
     check_import_count(&shape)?;
+    if !shape.has_memory {
+        return Err("it exports no memory named `memory`, which the adapter needs".into());
+    }
+    // A wit-bindgen world declares imports of its own interfaces; without
+    // one, only preview 1 can be adapted.
+    if let (false, Some(import)) = (shape.has_world, shape.foreign_imports.first()) {
+        return Err(format!(
+            "it imports `{import}`, and a module without a wit-bindgen world may import only from `{WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME}`"
+        ));
+    }
     let adapter = if shape.has_start {
         WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER
     } else if shape.has_world {
