@@ -409,3 +409,55 @@ fn memory_over_limit_names_the_policy_key() {
     let message = upload_error(&server, &wasm);
     assert!(message.contains("limits.memory_mib"), "{message}");
 }
+
+#[test]
+fn path_operation_denials_recorded() {
+    // Descriptor 3 is the first preopen (the work directory, read-write) and
+    // 4 the second (read-only). Each call tries to leave its directory or to
+    // write where it may only read.
+    let wasm = wat::parse_str(
+        r#"(module
+            (import "wasi_snapshot_preview1" "path_filestat_get" (func $stat (param i32 i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "path_create_directory" (func $mkdir (param i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "path_unlink_file" (func $unlink (param i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "path_readlink" (func $readlink (param i32 i32 i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 16) "../stat-target")
+            (data (i32.const 48) "made-in-ro")
+            (data (i32.const 80) "../unlink-target")
+            (data (i32.const 112) "../readlink-target")
+            (func (export "_start")
+                (drop (call $stat (i32.const 3) (i32.const 0) (i32.const 16) (i32.const 14) (i32.const 1024)))
+                (drop (call $mkdir (i32.const 4) (i32.const 48) (i32.const 10)))
+                (drop (call $unlink (i32.const 3) (i32.const 80) (i32.const 16)))
+                (drop (call $readlink (i32.const 3) (i32.const 112) (i32.const 18) (i32.const 2048) (i32.const 64) (i32.const 4096)))))"#,
+    )
+    .unwrap();
+    let server = TestServer::start();
+    assert_eq!(server.upload("paths", &wasm).status, 201);
+    let result = server.run("paths", json!({}));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert!(!server.ro().join("made-in-ro").exists());
+
+    let denied: Vec<&str> = result["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["capability"] == "file" && d["allowed"] == false)
+        .map(|d| d["target"].as_str().unwrap())
+        .collect();
+    for target in [
+        "../stat-target",
+        "made-in-ro",
+        "../unlink-target",
+        "../readlink-target",
+    ] {
+        assert!(denied.contains(&target), "{target} is not recorded: {result}");
+    }
+    let audited: Vec<serde_json::Value> = server
+        .audit()
+        .into_iter()
+        .filter(|e| e["kind"] == "policy_denial" && e["capability"] == "file")
+        .collect();
+    assert_eq!(audited.len(), 4, "{audited:?}");
+}

@@ -1,15 +1,17 @@
 //! Recording the file operations the host denies.
 //!
-//! wasmtime-wasi has no hook for filesystem decisions, so the host wraps
-//! `open-at` of `wasi:filesystem/types` and calls the stock implementation.
-//! When the task tried to leave its preopened directories (through `..`, an
-//! absolute path or a symlink pointing out) or to write where it may only
-//! read, the wrapper records a denial.
+//! wasmtime-wasi has no hook for filesystem decisions, so the host wraps the
+//! path operations of `wasi:filesystem/types` (`open-at`, `stat-at`,
+//! `readlink-at`, `create-directory-at`, `remove-directory-at`,
+//! `unlink-file-at`, `rename-at`, `symlink-at` and `link-at`) and calls the
+//! stock implementation. When the task tried to leave its preopened
+//! directories (through `..`, an absolute path or a symlink pointing out) or
+//! to write where it may only read, the wrapper records a denial.
 
 use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::filesystem::WasiFilesystemView;
 use wasmtime_wasi::p2::bindings::filesystem::types::{
-    Descriptor, DescriptorFlags, ErrorCode, HostDescriptor, OpenFlags, PathFlags,
+    Descriptor, DescriptorFlags, DescriptorStat, ErrorCode, HostDescriptor, OpenFlags, PathFlags,
 };
 
 use super::RunState;
@@ -19,7 +21,31 @@ use crate::decision::Decision;
 /// provides.
 const FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
 
-/// Replaces `[method]descriptor.open-at` with a version that records denials.
+/// Wraps one path operation of a descriptor: calls the stock implementation
+/// and records a denial when it fails with one. `$path` names the argument
+/// that is recorded, and `$writes` whether the operation changes the tree.
+macro_rules! wrap_path_operation {
+    ($instance:ident, $name:literal, $method:ident, ($($arg:ident: $ty:ty),*), $result:ty, $path:ident, $writes:expr) => {
+        $instance.func_wrap_async($name, |mut store, ($($arg,)*): ($($ty,)*)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let path = $path.clone();
+                let result: Result<$result, _> = HostDescriptor::$method(&mut state.filesystem(), $($arg),*).await;
+                match result {
+                    Ok(value) => Ok((Ok(value),)),
+                    Err(error) => {
+                        let code = error.downcast()?;
+                        record_denial(state, code, &path, $writes);
+                        Ok((Err(code),))
+                    }
+                }
+            })
+        })?;
+    };
+}
+
+/// Replaces `[method]descriptor.open-at` and the other path operations with
+/// versions that record denials.
 ///
 /// # Errors
 ///
@@ -52,41 +78,66 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                     Ok(descriptor) => Ok((Ok(descriptor),)),
                     Err(error) => {
                         let code = error.downcast()?;
-                        if let Some(reason) = denial_reason(code, &path, flags) {
-                            let recorded = state.decisions.push(Decision {
-                                capability: "file",
-                                target: crate::truncate_text(&path, 300),
-                                allowed: false,
-                                reason: reason.clone(),
-                                exit_code: None,
-                                duration_ms: None,
-                            });
-                            if recorded {
-                                tracing::info!(path = %path, %reason, "file access denied");
-                            }
-                        }
+                        let writes = flags.contains(DescriptorFlags::WRITE)
+                            || flags.contains(DescriptorFlags::MUTATE_DIRECTORY);
+                        record_denial(state, code, &path, writes);
                         Ok((Err(code),))
                     }
                 }
             })
         },
     )?;
+
+    type Fd = Resource<Descriptor>;
+    wrap_path_operation!(instance, "[method]descriptor.stat-at", stat_at,
+        (fd: Fd, flags: PathFlags, path: String), DescriptorStat, path, false);
+    wrap_path_operation!(instance, "[method]descriptor.readlink-at", readlink_at,
+        (fd: Fd, path: String), String, path, false);
+    wrap_path_operation!(instance, "[method]descriptor.create-directory-at", create_directory_at,
+        (fd: Fd, path: String), (), path, true);
+    wrap_path_operation!(instance, "[method]descriptor.remove-directory-at", remove_directory_at,
+        (fd: Fd, path: String), (), path, true);
+    wrap_path_operation!(instance, "[method]descriptor.unlink-file-at", unlink_file_at,
+        (fd: Fd, path: String), (), path, true);
+    wrap_path_operation!(instance, "[method]descriptor.rename-at", rename_at,
+        (fd: Fd, old_path: String, new_fd: Fd, new_path: String), (), new_path, true);
+    wrap_path_operation!(instance, "[method]descriptor.symlink-at", symlink_at,
+        (fd: Fd, target: String, path: String), (), path, true);
+    wrap_path_operation!(instance, "[method]descriptor.link-at", link_at,
+        (fd: Fd, flags: PathFlags, old_path: String, new_fd: Fd, new_path: String), (), new_path, true);
+
     linker.allow_shadowing(false);
     Ok(())
 }
 
-/// Returns why an `open-at` that failed with `code` counts as a denial, or
-/// `None` for an ordinary failure such as a missing file.
-fn denial_reason(code: ErrorCode, path: &str, flags: DescriptorFlags) -> Option<String> {
+/// Records a denial in the run when `code` is one, and logs the recorded ones.
+fn record_denial(state: &mut RunState, code: ErrorCode, path: &str, writes: bool) {
+    let Some(reason) = denial_reason(code, path, writes) else {
+        return;
+    };
+    let recorded = state.decisions.push(Decision {
+        capability: "file",
+        target: crate::truncate_text(path, 300),
+        allowed: false,
+        reason: reason.clone(),
+        exit_code: None,
+        duration_ms: None,
+    });
+    if recorded {
+        tracing::info!(path = %path, %reason, "file access denied");
+    }
+}
+
+/// Returns why a path operation that failed with `code` counts as a denial,
+/// or `None` for an ordinary failure such as a missing file.
+fn denial_reason(code: ErrorCode, path: &str, writes: bool) -> Option<String> {
     match code {
         ErrorCode::NotPermitted | ErrorCode::Access => {
             let why = if path.starts_with('/') {
                 "an absolute path, outside every preopened directory"
             } else if path.split('/').any(|part| part == "..") {
                 "`..` leads outside the preopened directory"
-            } else if flags.contains(DescriptorFlags::WRITE)
-                || flags.contains(DescriptorFlags::MUTATE_DIRECTORY)
-            {
+            } else if writes {
                 "writing where the policy allows only reading, or a symlink pointing outside"
             } else {
                 "a symlink pointing outside the preopened directory"
