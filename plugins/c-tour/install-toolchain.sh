@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the toolchain that build.sh uses into DIR and prints the path of
-# the `zig` binary (progress goes to stderr): Zig from the `ziglang` package on
-# PyPI, whose `zig cc` is clang with wasi-libc for wasm32-wasi, and
-# wit-bindgen-cli from crates.io in DIR/bin, with only its C generator.
+# the `zig` binary; progress goes to stderr. The toolchain is Zig from the
+# `ziglang` package on PyPI, whose `zig cc` is clang with wasi-libc for
+# wasm32-wasi, and wit-bindgen-cli from crates.io, with only its C
+# generator, in DIR/bin.
 #
 # Usage: install-toolchain.sh DIR
 # Running it again installs only what is missing or at another version.

@@ -5,8 +5,8 @@
 // Output: `{"language": "javascript", "file_bytes": N, "http_status": N,
 // "command_stdout": TEXT}`. A step whose key is absent reports null, and a
 // step that fails reports its error text in place of the value. Input `null`
-// (a run request without input) counts as `{}`. The run fails only when the
-// input is not a JSON object or null.
+// (a run request without input) counts as `{}`. Input that is not a JSON
+// object or null fails the run.
 //
 // StarlingMonkey, the engine inside componentize-js, has no file API, so the
 // file is read through the `wasi:filesystem` imports of the world. Import

@@ -3,8 +3,8 @@
 Input: `{"file": PATH, "url": URL, "command": CMD}`, each key optional.
 Output: `{"language": "python", "file_bytes": N, "http_status": N,
 "command_stdout": TEXT}`. A step whose key is absent or null gives null, and
-a step that fails gives its error text in place of the value. The run fails
-only when the input is neither a JSON object nor null.
+a step that fails gives its error text in place of the value. Input that is
+neither a JSON object nor null fails the run.
 """
 
 # componentize-py 0.25.1 snapshots the interpreter after importing this

@@ -174,7 +174,7 @@ enum ComponentCommand {
     New {
         /// The core module (.wasm).
         module: PathBuf,
-        /// Where to write the component.
+        /// Output path of the component.
         #[arg(short, long)]
         output: PathBuf,
     },

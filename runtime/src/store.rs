@@ -38,8 +38,8 @@ pub struct PluginRecord {
     pub size: u64,
     /// The component's entry point.
     pub kind: PluginKind,
-    /// What was uploaded: a component, or a preview-1 module that the
-    /// runtime wrapped. Records written before the field existed are
+    /// Format of the uploaded bytes: a component, or a preview-1 module that
+    /// the runtime wrapped. Records written before the field existed are
     /// components.
     #[serde(default)]
     pub format: SourceFormat,

@@ -203,7 +203,7 @@ fn module_without_exported_memory_is_rejected() {
 }
 
 #[test]
-fn module_with_embedded_world_must_be_made_a_component_first() {
+fn module_with_world_rejected_at_upload() {
     let server = TestServer::start();
     let mut wasm = writer("x", 0);
     // A custom section as wit-bindgen names it; its contents do not matter

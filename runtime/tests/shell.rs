@@ -692,8 +692,8 @@ fn child_cannot_signal_server_or_change_host() {
         "{output}"
     );
 
-    // The user namespace: even a child of a root server holds no
-    // capability over the host's hostname (or network, or devices).
+    // The user namespace: even a child of a root server has no capability
+    // over the host's hostname (or network, or devices).
     let output = shell(&server, "sh -c 'hostname \"$(hostname)\"'", None);
     assert_ne!(output["exit_code"], 0, "{output}");
 
@@ -785,7 +785,7 @@ fn fork_bomb_contained() {
 #[test]
 fn setsid_child_killed_with_call() {
     let server = open_shell();
-    // `setsid` leaves the process group; the cgroup still holds it.
+    // `setsid` leaves the process group, but the child stays in the cgroup.
     let output = shell(&server, "sh -c 'setsid sleep 1234.5 & echo started'", None);
     assert_eq!(output["stdout"], "started\n", "{output}");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -801,9 +801,10 @@ const NOBODY: u32 = 65534;
 #[test]
 fn unprivileged_server_confines_children() {
     // A server that is not root needs a user namespace to create the
-    // network namespace. Tests running as root start the server as nobody.
+    // network namespace. Tests running as root start the server as the user
+    // `nobody`.
     let as_root = nix::unistd::geteuid().is_root();
-    // nobody may not reach the build directory, so it runs a copy.
+    // That user may not reach the build directory, so it runs a copy.
     let bin = tempfile::tempdir().unwrap();
     let apex = bin.path().join("apex");
     std::fs::copy(env!("CARGO_BIN_EXE_apex"), &apex).unwrap();
@@ -846,8 +847,7 @@ fn unprivileged_server_confines_children() {
         "{log}"
     );
 
-    let script =
-        "import os, socket; open(\\\"made\\\", \\\"w\\\").close(); print(socket.if_nameindex(), os.getuid())";
+    let script = "import os, socket; open(\\\"created\\\", \\\"w\\\").close(); print(socket.if_nameindex(), os.getuid())";
     let output = shell(&server, &format!("python3 -c \"{script}\""), None);
     assert_eq!(output["exit_code"], 0, "{output}");
     let uid = if as_root {
@@ -858,8 +858,8 @@ fn unprivileged_server_confines_children() {
     assert_eq!(output["stdout"], format!("[(1, 'lo')] {uid}\n"), "{output}");
 
     // The user id maps to itself, so files keep the server's owner.
-    let made = std::fs::metadata(server.work().join("made")).unwrap();
-    assert_eq!(std::os::unix::fs::MetadataExt::uid(&made), uid);
+    let created = std::fs::metadata(server.work().join("created")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&created), uid);
 }
 
 #[test]

@@ -87,17 +87,9 @@ pub fn inspect(module: &[u8]) -> Result<ModuleShape, String> {
 /// Returns why the module is not such a command, or the adapter's error.
 pub fn command_component(module: &[u8]) -> Result<Vec<u8>, String> {
     let shape = inspect(module)?;
-    check_import_count(&shape)?;
-    if let Some(import) = shape.foreign_imports.first() {
-        return Err(format!(
-            "it imports `{import}`, and a preview-1 command may import only from `{WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME}`"
-        ));
-    }
+    check_adaptable(&shape)?;
     if !shape.has_start {
         return Err("it exports no `_start` function, so it is not a command".into());
-    }
-    if !shape.has_memory {
-        return Err("it exports no memory named `memory`".into());
     }
     if shape.has_world {
         return Err(
@@ -122,17 +114,7 @@ pub fn component(module: &[u8]) -> Result<Vec<u8>, String> {
         _ => return Err("it is not a WebAssembly binary".into()),
     }
     let shape = inspect(module)?;
-    check_import_count(&shape)?;
-    if !shape.has_memory {
-        return Err("it exports no memory named `memory`, which the adapter needs".into());
-    }
-    // A wit-bindgen world declares imports of its own interfaces; without
-    // one, only preview 1 can be adapted.
-    if let (false, Some(import)) = (shape.has_world, shape.foreign_imports.first()) {
-        return Err(format!(
-            "it imports `{import}`, and a module without a wit-bindgen world may import only from `{WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME}`"
-        ));
-    }
+    check_adaptable(&shape)?;
     let adapter = if shape.has_start {
         WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER
     } else if shape.has_world {
@@ -145,11 +127,22 @@ pub fn component(module: &[u8]) -> Result<Vec<u8>, String> {
     encode(module, adapter)
 }
 
-fn check_import_count(shape: &ModuleShape) -> Result<(), String> {
+/// Checks what every module must meet before the adapter is applied.
+fn check_adaptable(shape: &ModuleShape) -> Result<(), String> {
     if shape.imports > MAX_IMPORTS {
         return Err(format!(
             "it has {} imports, more than the {MAX_IMPORTS} a preview-1 module may have",
             shape.imports
+        ));
+    }
+    if !shape.has_memory {
+        return Err("it exports no memory named `memory`, which the adapter needs".into());
+    }
+    // A wit-bindgen world declares imports of its own interfaces; without
+    // one, only preview 1 can be adapted.
+    if let (false, Some(import)) = (shape.has_world, shape.foreign_imports.first()) {
+        return Err(format!(
+            "it imports `{import}`, and a preview-1 module without a wit-bindgen world may import only from `{WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME}`"
         ));
     }
     Ok(())

@@ -77,7 +77,7 @@ pub enum PluginKind {
     Command,
 }
 
-/// What was uploaded, before the runtime made it a component.
+/// The format of the uploaded bytes, before the runtime made them a component.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceFormat {
@@ -620,7 +620,7 @@ fn check_header(bytes: &[u8]) -> Result<SourceFormat, CompileError> {
     }
 }
 
-/// Longest error text of a trap kept in a run result. Names in a module's
+/// Maximum length, in bytes, of a trap's error text in a run result. Names in a module's
 /// name section end up in it, and a module chooses them.
 const MAX_TRAP_TEXT: usize = 16 * 1024;
 

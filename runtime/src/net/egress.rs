@@ -243,40 +243,6 @@ impl Egress {
         HttpError,
     > {
         let uri = request.uri().clone();
-        let denied = |denial: Denial| {
-            let recorded = decisions.push(Decision {
-                capability: "http",
-                target: denial.target.clone(),
-                allowed: false,
-                reason: denial.reason.clone(),
-                exit_code: None,
-                duration_ms: None,
-            });
-            if recorded {
-                tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
-            }
-            HttpError::HttpRequestDenied
-        };
-
-        let destination = self.check(&uri).map_err(denied)?;
-        let failed = |reason: String| {
-            decisions.push(Decision {
-                capability: "http",
-                target: target_of(&uri),
-                allowed: true,
-                reason,
-                exit_code: None,
-                duration_ms: None,
-            });
-        };
-        let addresses = match self.addresses(&destination, &uri).await {
-            Ok(addresses) => addresses,
-            Err(SendError::Denied(denial)) => return Err(denied(denial)),
-            Err(SendError::Http(error)) => {
-                failed(format!("allowed, but name resolution failed: {error:?}"));
-                return Err(error);
-            }
-        };
 
         // A task may shorten the deadlines, never extend them.
         let limit = |requested: Option<Duration>| requested.map_or(self.timeout, |d| d.min(self.timeout));
@@ -285,21 +251,14 @@ impl Egress {
         let between_bytes_timeout =
             limit(options.and_then(|o| o.between_bytes_timeout)).max(Duration::from_millis(1));
 
-        let (stream, address) = match connect(&addresses, connect_timeout).await {
-            Ok(connected) => connected,
-            Err(error) => {
-                failed(format!("allowed, but connecting failed: {error:?}"));
-                return Err(error);
-            }
+        let opened = self
+            .open_connection(&uri, connect_timeout, Requester::Task, decisions, plugin)
+            .await;
+        let (stream, destination) = match opened {
+            Ok(opened) => opened,
+            Err(Refusal::Denied(_)) => return Err(HttpError::HttpRequestDenied),
+            Err(Refusal::Failed(error, _)) => return Err(error),
         };
-        decisions.push(Decision {
-            capability: "http",
-            target: target_of(&uri),
-            allowed: true,
-            reason: format!("connected to {address}"),
-            exit_code: None,
-            duration_ms: None,
-        });
 
         let stream: Box<dyn Stream> = if destination.tls {
             let server_name = match &destination.host {
@@ -390,25 +349,36 @@ impl Egress {
     }
 }
 
-/// Why the proxy of shell children did not connect.
-pub(crate) enum ProxyRefusal {
-    /// The policy denies the destination.
+/// The sender of a request, which the decisions of the run name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Requester {
+    /// The task, through `wasi:http`.
+    Task,
+    /// A shell child, through its proxy.
+    ShellChild,
+}
+
+/// The reason no connection was opened, already recorded in the run.
+pub(crate) enum Refusal {
+    /// The policy denies the destination, for the reason given.
     Denied(String),
     /// The destination is allowed, but resolving or connecting failed.
-    Failed(String),
+    Failed(HttpError, String),
 }
 
 impl Egress {
-    /// Connects to the destination of a request that a shell child sent
-    /// through its proxy, after the checks a task's request gets: the
-    /// allowed hosts, `network.resolve` and the private-address rule. `uri`
-    /// carries the scheme, host and port. Records the decision in the run.
-    pub(crate) async fn connect_for_proxy(
+    /// Checks `uri` (its scheme, host and port) against the allowed hosts,
+    /// `network.resolve` and the private-address rule, then connects.
+    /// Records the outcome in the run's decisions and logs a denial.
+    async fn open_connection(
         &self,
         uri: &http::Uri,
+        connect_timeout: Duration,
+        requester: Requester,
         decisions: &Decisions,
         plugin: &str,
-    ) -> Result<TcpStream, ProxyRefusal> {
+    ) -> Result<(TcpStream, Destination), Refusal> {
+        let via_proxy = requester == Requester::ShellChild;
         let record = |target: String, allowed: bool, reason: String| {
             decisions.push(Decision {
                 capability: "http",
@@ -420,38 +390,53 @@ impl Egress {
             })
         };
         let denied = |denial: Denial| {
-            let reason = format!("{} (from a shell child, through the proxy)", denial.reason);
+            let reason = if via_proxy {
+                format!("{} (from a shell child, through the proxy)", denial.reason)
+            } else {
+                denial.reason.clone()
+            };
             if record(denial.target.clone(), false, reason.clone()) {
                 tracing::warn!(plugin, target = %denial.target, reason = %denial.reason, "outgoing request denied");
             }
-            ProxyRefusal::Denied(reason)
+            Refusal::Denied(reason)
+        };
+        let failed = |error: HttpError, what: &str| {
+            let reason = format!("allowed, but {what} failed: {error:?}");
+            record(target_of(uri), true, reason.clone());
+            Refusal::Failed(error, reason)
         };
 
         let destination = self.check(uri).map_err(denied)?;
         let addresses = match self.addresses(&destination, uri).await {
             Ok(addresses) => addresses,
             Err(SendError::Denied(denial)) => return Err(denied(denial)),
-            Err(SendError::Http(error)) => {
-                let reason = format!("allowed, but name resolution failed: {error:?}");
-                record(target_of(uri), true, reason.clone());
-                return Err(ProxyRefusal::Failed(reason));
-            }
+            Err(SendError::Http(error)) => return Err(failed(error, "name resolution")),
         };
-        match connect(&addresses, self.timeout).await {
-            Ok((stream, address)) => {
-                record(
-                    target_of(uri),
-                    true,
-                    format!("connected to {address} for a shell child, through the proxy"),
-                );
-                Ok(stream)
-            }
-            Err(error) => {
-                let reason = format!("allowed, but connecting failed: {error:?}");
-                record(target_of(uri), true, reason.clone());
-                Err(ProxyRefusal::Failed(reason))
-            }
-        }
+        let (stream, address) = match connect(&addresses, connect_timeout).await {
+            Ok(connected) => connected,
+            Err(error) => return Err(failed(error, "connecting")),
+        };
+        let reason = if via_proxy {
+            format!("connected to {address} for a shell child, through the proxy")
+        } else {
+            format!("connected to {address}")
+        };
+        record(target_of(uri), true, reason);
+        Ok((stream, destination))
+    }
+
+    /// Connects to the destination of a request that a shell child sent
+    /// through its proxy, after the checks a task's request gets.
+    pub(crate) async fn connect_for_proxy(
+        &self,
+        uri: &http::Uri,
+        decisions: &Decisions,
+        plugin: &str,
+    ) -> Result<TcpStream, Refusal> {
+        let opened = self
+            .open_connection(uri, self.timeout, Requester::ShellChild, decisions, plugin)
+            .await;
+        opened.map(|(stream, _)| stream)
     }
 
     /// Returns `timeouts.http_seconds`.

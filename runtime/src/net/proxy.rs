@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::egress::{Egress, ProxyRefusal};
+use super::egress::{Egress, Refusal};
 use crate::decision::Decisions;
 
 /// Port of the proxy inside each child's network namespace. Every child has
@@ -88,7 +88,7 @@ async fn handle(mut client: TcpStream, egress: &Egress, decisions: &Decisions, p
     };
     let mut upstream = match egress.connect_for_proxy(&uri, decisions, plugin).await {
         Ok(upstream) => upstream,
-        Err(ProxyRefusal::Denied(reason)) => {
+        Err(Refusal::Denied(reason)) => {
             return reply(
                 &mut client,
                 "403 Forbidden",
@@ -96,7 +96,7 @@ async fn handle(mut client: TcpStream, egress: &Egress, decisions: &Decisions, p
             )
             .await;
         }
-        Err(ProxyRefusal::Failed(reason)) => return reply(&mut client, "502 Bad Gateway", &reason).await,
+        Err(Refusal::Failed(_, reason)) => return reply(&mut client, "502 Bad Gateway", &reason).await,
     };
 
     let forwarded = if connect {

@@ -784,14 +784,7 @@ impl Checker<'_> {
         allowed: &[AllowedPath],
         protected: &ProtectedPaths,
     ) -> Result<(), PolicyError> {
-        let mut trusted: Vec<(&str, &Path)> = vec![("the policy file", self.source)];
-        if let Some(data_dir) = &protected.data_dir {
-            trusted.push(("the data directory", data_dir));
-        }
-        for file in &protected.files {
-            trusted.push(("a file the server trusts", file));
-        }
-
+        let trusted = self.trusted_paths(protected);
         for (index, entry) in allowed.iter().enumerate() {
             for (what, given) in &trusted {
                 // Check the path as given and every place a symlink along it
@@ -814,19 +807,24 @@ impl Checker<'_> {
         Ok(())
     }
 
-    /// Lists the trusted files that a directory of `system_paths` contains,
-    /// where Landlock lets every shell child read them.
-    fn exposed_to_shell(&self, system_paths: &[PathBuf], protected: &ProtectedPaths) -> Vec<String> {
-        let mut trusted: Vec<(&str, &Path)> = vec![("the policy file", self.source)];
+    /// Returns the files and directories the server trusts, each with how
+    /// messages name it: the policy file, the data directory, and `protected`.
+    fn trusted_paths<'p>(&'p self, protected: &'p ProtectedPaths) -> Vec<(&'static str, &'p Path)> {
+        let mut trusted: Vec<(&'static str, &Path)> = vec![("the policy file", self.source)];
         if let Some(data_dir) = &protected.data_dir {
             trusted.push(("the data directory", data_dir));
         }
         for file in &protected.files {
             trusted.push(("a file the server trusts", file));
         }
+        trusted
+    }
 
+    /// Lists the trusted files that a directory of `system_paths` contains,
+    /// where Landlock lets every shell child read them.
+    fn exposed_to_shell(&self, system_paths: &[PathBuf], protected: &ProtectedPaths) -> Vec<String> {
         let mut exposed = Vec::new();
-        for (what, given) in trusted {
+        for (what, given) in self.trusted_paths(protected) {
             let forms = path_forms(given);
             if let Some(system) = system_paths
                 .iter()

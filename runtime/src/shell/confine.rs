@@ -66,7 +66,8 @@ pub struct Prepared {
     required: bool,
 }
 
-/// What the server keeps of a prepared restriction while the child runs.
+/// The parts of a prepared restriction that the server keeps while the
+/// child runs.
 #[derive(Default)]
 pub struct Attachments {
     /// Receives the child's proxy listener, for a child with network access.
@@ -168,9 +169,9 @@ fn write_proc_file(path: &std::ffi::CStr, contents: &[u8]) -> nix::Result<()> {
 impl Confinement {
     /// Prepares the restriction of one child whose allowed directories are
     /// `read_write` and `read_only`. With `network`, the child may reach
-    /// the outside through the proxy: the returned socket then receives the
-    /// proxy listener the child opens in its namespace (see
-    /// [`ProxyReceiver::receive`]).
+    /// the outside through the proxy, and the returned attachments carry the
+    /// receiver of the proxy listener the child opens in its namespace (see
+    /// [`ProxyReceiver::receive`]). They also carry the call's pids cgroup.
     ///
     /// # Errors
     ///
@@ -554,22 +555,40 @@ mod handoff {
         }
     }
 
+    /// Returns an `iovec` over `byte`, the data every handoff message carries.
+    fn one_byte(byte: &mut [u8; 1]) -> libc::iovec {
+        libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        }
+    }
+
+    /// Returns a message header over `data` and the first `control_len`
+    /// bytes of `control`. Both must outlive every use of the header.
+    fn message_header(
+        data: &mut libc::iovec,
+        control: &mut ControlBuffer,
+        control_len: usize,
+    ) -> libc::msghdr {
+        // SAFETY: `msghdr` is plain data, for which all zeroes is valid.
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_iov = data;
+        message.msg_iovlen = 1;
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = control_len as _;
+        message
+    }
+
     /// Sends `fd` as an `SCM_RIGHTS` message with one byte of data.
     unsafe fn send_fd(channel: libc::c_int, fd: libc::c_int) -> nix::Result<libc::c_int> {
         // SAFETY: the message points to locals that live through the call,
         // and the control buffer has room for one header and one descriptor.
         unsafe {
             let mut byte = [0u8; 1];
-            let mut data = libc::iovec {
-                iov_base: byte.as_mut_ptr().cast(),
-                iov_len: 1,
-            };
+            let mut data = one_byte(&mut byte);
             let mut control: ControlBuffer = [0; 4];
-            let mut message: libc::msghdr = std::mem::zeroed();
-            message.msg_iov = &raw mut data;
-            message.msg_iovlen = 1;
-            message.msg_control = control.as_mut_ptr().cast();
-            message.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as _;
+            let control_len = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+            let message = message_header(&mut data, &mut control, control_len);
             let header = libc::CMSG_FIRSTHDR(&raw const message);
             (*header).cmsg_level = libc::SOL_SOCKET;
             (*header).cmsg_type = libc::SCM_RIGHTS;
@@ -584,16 +603,9 @@ mod handoff {
         // SAFETY: as in `send_fd`; the received descriptor is new and ours.
         unsafe {
             let mut byte = [0u8; 1];
-            let mut data = libc::iovec {
-                iov_base: byte.as_mut_ptr().cast(),
-                iov_len: 1,
-            };
+            let mut data = one_byte(&mut byte);
             let mut control: ControlBuffer = [0; 4];
-            let mut message: libc::msghdr = std::mem::zeroed();
-            message.msg_iov = &raw mut data;
-            message.msg_iovlen = 1;
-            message.msg_control = control.as_mut_ptr().cast();
-            message.msg_controllen = std::mem::size_of::<ControlBuffer>() as _;
+            let mut message = message_header(&mut data, &mut control, std::mem::size_of::<ControlBuffer>());
             let received = libc::recvmsg(
                 channel.as_raw_fd(),
                 &raw mut message,

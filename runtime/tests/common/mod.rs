@@ -26,8 +26,9 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Returns the path of an example plugin, building all of them on first use;
-/// the tours (`NAME-tour`), which need other toolchains, on first use of one.
+/// Returns the path of an example plugin, building all of them on first use.
+/// The tours (`NAME-tour`) need other toolchains, so they are built on the
+/// first use of one of them.
 pub fn plugin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
