@@ -461,3 +461,23 @@ fn path_operation_denials_recorded() {
         .collect();
     assert_eq!(audited.len(), 4, "{audited:?}");
 }
+
+#[test]
+fn component_new_keeps_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("writer.wasm");
+    let bytes = writer("kept\n", 0);
+    std::fs::write(&module, &bytes).unwrap();
+
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(["component", "new"])
+        .arg(&module)
+        .arg("-o")
+        .arg(&module)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    assert!(stderr.contains("is the module itself"), "{stderr}");
+    assert_eq!(std::fs::read(&module).unwrap(), bytes, "the module is unchanged");
+}

@@ -702,6 +702,17 @@ fn child_cannot_signal_server_or_change_host() {
 }
 
 #[test]
+fn child_open_files_limited() {
+    let server = open_shell();
+    let output = shell(
+        &server,
+        "python3 -c 'import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE))'",
+        None,
+    );
+    assert_eq!(output["stdout"], "(1024, 1024)\n", "{output}");
+}
+
+#[test]
 fn inherited_descriptors_do_not_reach_children() {
     // The server starts with descriptor 7 open on a file outside paths_allow.
     let secrets = tempfile::tempdir().unwrap();

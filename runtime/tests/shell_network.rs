@@ -57,7 +57,8 @@ fn apex(http: &LocalServer) -> TestServer {
          shell_allow:\n  - {{prefix: \"python3 \", network: true}}\n  - \"python3 -I \"\n\
          network:\n  http_allow_domains: [\"allowed.test:{port}\"]\n  \
          resolve: {{allowed.test: 127.0.0.1, denied.test: 127.0.0.1}}\n  \
-         allow_private_addresses: true\n",
+         allow_private_addresses: true\n\
+         timeouts: {{http_seconds: 2}}\n",
         port = http.port
     );
     let server = TestServer::start_with(Setup { policy });
@@ -230,5 +231,68 @@ fn decisions_per_run_are_capped() {
         log.matches("outgoing request denied").count(),
         1000,
         "only recorded denials are logged"
+    );
+}
+
+/// Writes a script into the work directory and runs it with network access;
+/// returns its stdout.
+fn run_script(server: &TestServer, name: &str, script: &str, args: &str) -> String {
+    std::fs::write(server.work().join(name), script).unwrap();
+    let result = shell(server, &format!("python3 {name} {args}"));
+    assert_eq!(result["output"]["exit_code"], 0, "{result}");
+    stdout(&result).to_string()
+}
+
+#[test]
+fn proxy_rejects_malformed_requests() {
+    let http = LocalServer::http();
+    let server = apex(&http);
+
+    // Each request goes on its own connection; the script prints the
+    // status line of each response.
+    let script = "import socket, sys\n\
+        cases = [b'GET /relative HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n',\n\
+                 b'CONNECT allowed.test HTTP/1.1\\r\\n\\r\\n',\n\
+                 b'GET ftp://allowed.test/ HTTP/1.1\\r\\n\\r\\n',\n\
+                 b'GET http://allowed.test/ HTTP/1.1\\r\\nX: ' + b'a' * 20000 + b'\\r\\n\\r\\n',\n\
+                 b'NOT A REQUEST\\r\\n\\r\\n']\n\
+        for case in cases:\n\
+        \x20   s = socket.create_connection(('127.0.0.1', 3128), timeout=10)\n\
+        \x20   s.sendall(case)\n\
+        \x20   print(s.recv(4096).decode().split('\\r\\n')[0])\n";
+    let out = run_script(&server, "malformed.py", script, "");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    for line in lines {
+        assert_eq!(line, "HTTP/1.1 400 Bad Request", "{out}");
+    }
+    assert_eq!(http.requests(), 0);
+}
+
+#[test]
+fn proxy_connections_per_child_capped() {
+    let http = LocalServer::http();
+    let server = apex(&http);
+
+    // 64 connections that send nothing fill the proxy's slots until the
+    // 2 s head timeout answers them with 408. A 65th request is served only
+    // after that, so by the time it has its answer the first idle one has
+    // its 408.
+    let script = format!(
+        "import socket\n\
+         idle = [socket.create_connection(('127.0.0.1', 3128), timeout=10) for _ in range(64)]\n\
+         s = socket.create_connection(('127.0.0.1', 3128), timeout=10)\n\
+         s.sendall(b'GET http://allowed.test:{port}/ HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n\
+         print(s.recv(4096).decode().split('\\r\\n')[0])\n\
+         idle[0].setblocking(False)\n\
+         print(idle[0].recv(4096).decode().split('\\r\\n')[0])\n",
+        port = http.port
+    );
+    let out = run_script(&server, "crowd.py", &script, "");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        ["HTTP/1.1 200 OK", "HTTP/1.1 408 Request Timeout"],
+        "{out}"
     );
 }

@@ -118,12 +118,17 @@ async fn handle(mut client: TcpStream, egress: &Egress, decisions: &Decisions, p
 async fn read_head(client: &mut TcpStream) -> Result<Head, String> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
+    let too_long = || format!("the request head is longer than {MAX_HEAD_BYTES} bytes");
     let end = loop {
         if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            // The last read may have brought the end and more than the limit.
+            if end > MAX_HEAD_BYTES {
+                return Err(too_long());
+            }
             break end;
         }
         if buffer.len() > MAX_HEAD_BYTES {
-            return Err(format!("the request head is longer than {MAX_HEAD_BYTES} bytes"));
+            return Err(too_long());
         }
         let read = client.read(&mut chunk).await.map_err(|e| e.to_string())?;
         if read == 0 {
