@@ -13,7 +13,8 @@
 //! Prints a table and writes it to `docs/benchmarks.md`, keeping the notes
 //! section of that file. Needs the example plugins: run
 //! `scripts/build-plugins.sh` first. `APEX_BENCH_ONLY=http` runs only the
-//! loopback load and prints one line.
+//! loopback load and `APEX_BENCH_ONLY=engine` only the in-process runs, each
+//! printing one line.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -81,6 +82,16 @@ fn main() {
         println!(
             "1 connection: {:.0} runs/s, p50 {:.0} µs; 32 connections: {:.0} runs/s, p50 {:.0} µs, p99 {:.0} µs",
             one.rate, one.latency.median, many.rate, many.latency.median, many.latency.p99
+        );
+        return;
+    }
+    // `APEX_BENCH_ONLY=engine` runs just the in-process runs.
+    if std::env::var("APEX_BENCH_ONLY").as_deref() == Ok("engine") {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (apex_run, bare_run) = runtime.block_on(in_process());
+        println!(
+            "Apex: median {:.1} µs, p99 {:.1} µs; bare wasmtime: median {:.1} µs, p99 {:.1} µs",
+            apex_run.median, apex_run.p99, bare_run.median, bare_run.p99
         );
         return;
     }

@@ -309,6 +309,40 @@ fn invalid_utf8_output_is_valid_json() {
 }
 
 #[test]
+fn later_run_sees_no_earlier_memory() {
+    // With one run slot, each run is likely to reuse the memory slot of the
+    // run before it.
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {max_concurrent_runs: 1}\n".into(),
+    });
+    server.upload_plugin("probe");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+
+    for round in 0..3 {
+        let stained = probe(&server, json!({ "op": "stain", "seed": seed }));
+        let found = stained["output"]["found"].as_u64().unwrap_or(0);
+        // The pattern begins 32,768 times in the 1 MiB of heap and 128 times
+        // in the static buffer. The run that wrote them must find them all.
+        assert!(
+            found >= 32_768 + 128,
+            "the scan cannot find the pattern it wrote: {stained}"
+        );
+
+        for _ in 0..3 {
+            let later = probe(&server, json!({ "op": "residue", "seed": seed }));
+            assert_eq!(
+                later["output"]["found"], 0,
+                "round {round}: a run found memory left by an earlier run: {later}"
+            );
+        }
+    }
+}
+
+#[test]
 fn full_queue_answers_503_and_healthz_stays_fast() {
     let server = TestServer::start_with(Setup {
         policy: "timeouts: {task_seconds: 3}\nlimits: {max_concurrent_runs: 1, max_queued_runs: 1}\n".into(),

@@ -15,6 +15,10 @@
 //! - `config` `{"path": KEY}`: reads KEY from `wasi:config/store`.
 //! - `fail` `{"message": M}`: returns an error.
 //! - `echo`: returns the input text unchanged.
+//! - `stain` `{"seed": N}`: fills 1 MiB of heap and a static buffer with a
+//!   pattern made from N, then returns how many copies `residue` finds.
+//! - `residue` `{"seed": N}`: counts the places in all of linear memory where
+//!   the pattern made from N begins; a fresh instance must have none.
 
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -38,6 +42,38 @@ struct Input {
     bytes: Option<usize>,
     byte: Option<u8>,
     message: Option<String>,
+    seed: Option<u64>,
+}
+
+/// Length of the pattern `stain` writes.
+const PATTERN_LEN: usize = 32;
+
+/// A static buffer, so `stain` also marks the module's data pages.
+static STAINED: std::sync::Mutex<[u8; 4096]> = std::sync::Mutex::new([0; 4096]);
+
+/// Byte `index` of the pattern made from `seed`. Computed one byte at a time,
+/// so `residue` never contains the whole pattern in linear memory itself.
+#[inline(never)]
+fn pattern_byte(seed: u64, index: usize) -> u8 {
+    (seed >> (8 * (index % 8))) as u8 ^ 0x5a_u8.wrapping_add((index as u8).wrapping_mul(37))
+}
+
+/// Counts where the pattern made from `seed` begins in linear memory.
+fn count_pattern(seed: u64) -> usize {
+    let end = core::arch::wasm32::memory_size::<0>() * 65536;
+    let mut found = 0;
+    // The scan starts at 1 KiB, clear of the null address.
+    for start in 1024..end - PATTERN_LEN {
+        let matches = (0..PATTERN_LEN).all(|index| {
+            // SAFETY: every address below `memory_size` is readable in wasm32.
+            let byte = unsafe { core::ptr::read_volatile((start + index) as *const u8) };
+            byte == pattern_byte(seed, index)
+        });
+        if matches {
+            found += 1;
+        }
+    }
+    found
 }
 
 fn required<T>(value: Option<T>, name: &str) -> Result<T, String> {
@@ -132,6 +168,23 @@ impl Guest for Probe {
             }
             "fail" => Err(input.message.unwrap_or_else(|| "failed on request".to_string())),
             "echo" => Ok(raw),
+            "stain" => {
+                let seed = required(input.seed, "seed")?;
+                let heap: Vec<u8> = (0..1 << 20)
+                    .map(|index| pattern_byte(seed, index % PATTERN_LEN))
+                    .collect();
+                std::hint::black_box(&heap);
+                let mut stained = STAINED.lock().unwrap();
+                for (index, byte) in stained.iter_mut().enumerate() {
+                    *byte = pattern_byte(seed, index % PATTERN_LEN);
+                }
+                drop(stained);
+                Ok(serde_json::json!({ "found": count_pattern(seed) }).to_string())
+            }
+            "residue" => {
+                let seed = required(input.seed, "seed")?;
+                Ok(serde_json::json!({ "found": count_pattern(seed) }).to_string())
+            }
             other => Err(format!("unknown op `{other}`")),
         }
     }
