@@ -388,3 +388,108 @@ fn restrict_to_owner(path: &Path) {
     #[cfg(not(unix))]
     let _ = path;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn queued_record() -> RunRecord {
+        RunRecord {
+            id: new_run_id(),
+            plugin: "hello".into(),
+            sha256: "00".repeat(32),
+            key_id: "default".into(),
+            queued_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            status: "queued".into(),
+            exit_code: None,
+            duration_ms: None,
+            input: Some("{}".into()),
+            output: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            error: None,
+            decisions: Value::Array(Vec::new()),
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn unawaited_change_committed_without_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(dir.path()).unwrap();
+        let record = queued_record();
+        history.queue(record.clone());
+
+        // Nothing else is sent, so only the end of the group window commits it.
+        let started = Instant::now();
+        let stored = runtime().block_on(async {
+            loop {
+                if let Some(stored) = history.run(&record.id).await.unwrap() {
+                    return Some(stored);
+                }
+                if started.elapsed() > Duration::from_secs(5) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        assert_eq!(stored, Some(record));
+    }
+
+    #[test]
+    fn finished_record_replaces_queued_in_same_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(dir.path()).unwrap();
+        let record = queued_record();
+        let mut finished = record.clone();
+        finished.status = "succeeded".into();
+        finished.started_at_ms = Some(record.queued_at_ms);
+        finished.finished_at_ms = Some(record.queued_at_ms + 1);
+        finished.output = Some("\"done\"".into());
+
+        runtime().block_on(async {
+            history.queue(record.clone());
+            history.start(&record.id);
+            history.finish(finished.clone()).await;
+
+            assert_eq!(history.run(&record.id).await.unwrap(), Some(finished));
+            let listed = history
+                .runs(RunQuery {
+                    limit: 10,
+                    ..RunQuery::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(listed.len(), 1);
+        });
+    }
+
+    #[test]
+    fn start_applied_to_queued_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(dir.path()).unwrap();
+        let record = queued_record();
+
+        runtime().block_on(async {
+            history.queue(record.clone());
+            history.start(&record.id);
+            history.flush().await;
+
+            let stored = history.run(&record.id).await.unwrap().unwrap();
+            assert_eq!(stored.status, "running");
+            assert!(stored.started_at_ms.is_some());
+        });
+    }
+}

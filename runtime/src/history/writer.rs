@@ -5,8 +5,16 @@
 //! transaction, so many concurrent runs cost one `fsync`-free WAL commit
 //! instead of one each. A change that must be durable before the caller goes
 //! on (a finished run) carries an acknowledgement that is sent after commit.
+//!
+//! A batch without an acknowledgement is held for up to [`GROUP_WINDOW`], so
+//! that it shares a commit with the changes that follow. A short run then
+//! costs one commit instead of two, because its finished record replaces its
+//! queued record in the same batch. A crash inside the window loses those
+//! unacknowledged changes.
 
+use std::collections::HashSet;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 
@@ -14,6 +22,15 @@ use super::{AuditEvent, RunRecord};
 
 /// Largest number of changes committed in one transaction.
 const MAX_BATCH: usize = 512;
+
+/// Longest time an unacknowledged change stays uncommitted.
+const GROUP_WINDOW: Duration = Duration::from_millis(2);
+
+/// Writes a whole run record, new or replacing the earlier one.
+const UPSERT_RUN: &str = "INSERT OR REPLACE INTO runs (id, plugin, sha256, key_id, queued_at, started_at,
+        finished_at, status, exit_code, duration_ms, input, output, stdout, stderr, stdout_truncated,
+        stderr_truncated, error, decisions)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
 
 /// One change to the database.
 pub enum Change {
@@ -41,14 +58,7 @@ pub struct Job {
 /// Runs the writer loop until every sender is dropped.
 pub fn run(mut connection: Connection, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-
+        let batch = collect_batch(first, &jobs);
         if let Err(e) = commit(&mut connection, &batch) {
             tracing::error!(error = %e, changes = batch.len(), "cannot write run history");
         }
@@ -60,10 +70,52 @@ pub fn run(mut connection: Connection, jobs: mpsc::Receiver<Job>) {
     }
 }
 
+/// Collects the changes to commit together, starting with `first`: every
+/// change already queued, and those arriving within [`GROUP_WINDOW`] until
+/// one of them carries an acknowledgement.
+fn collect_batch(first: Job, jobs: &mpsc::Receiver<Job>) -> Vec<Job> {
+    let deadline = Instant::now() + GROUP_WINDOW;
+    let mut awaited = first.done.is_some();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        let next = if awaited {
+            jobs.try_recv().ok()
+        } else {
+            // A timeout ends the window, and a disconnect ends the writer
+            // after this batch.
+            jobs.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()
+        };
+        let Some(job) = next else {
+            break;
+        };
+        awaited |= job.done.is_some();
+        batch.push(job);
+    }
+    batch
+}
+
 fn commit(connection: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
+    // A finished record replaces the whole row, so the run's earlier changes
+    // in this batch need not be written.
+    let finished: HashSet<&str> = batch
+        .iter()
+        .filter_map(|job| match &job.change {
+            Change::Finish(run) => Some(run.id.as_str()),
+            _ => None,
+        })
+        .collect();
+
     let transaction = connection.transaction()?;
     for job in batch {
-        apply(&transaction, &job.change)?;
+        let superseded = match &job.change {
+            Change::Queue(run) => finished.contains(run.id.as_str()),
+            Change::Start { id, .. } => finished.contains(id.as_str()),
+            _ => false,
+        };
+        if !superseded {
+            apply(&transaction, &job.change)?;
+        }
     }
     transaction.commit()
 }
@@ -71,43 +123,37 @@ fn commit(connection: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
 fn apply(db: &Connection, change: &Change) -> rusqlite::Result<()> {
     match change {
         Change::Queue(run) | Change::Finish(run) => {
-            db.execute(
-                "INSERT OR REPLACE INTO runs (id, plugin, sha256, key_id, queued_at, started_at, finished_at, status,
-                     exit_code, duration_ms, input, output, stdout, stderr, stdout_truncated, stderr_truncated, error, decisions)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-                params![
-                    run.id,
-                    run.plugin,
-                    run.sha256,
-                    run.key_id,
-                    run.queued_at_ms,
-                    run.started_at_ms,
-                    run.finished_at_ms,
-                    run.status,
-                    run.exit_code,
-                    run.duration_ms,
-                    run.input,
-                    run.output,
-                    run.stdout,
-                    run.stderr,
-                    run.stdout_truncated,
-                    run.stderr_truncated,
-                    run.error,
-                    run.decisions.to_string(),
-                ],
-            )?;
+            let mut statement = db.prepare_cached(UPSERT_RUN)?;
+            statement.execute(params![
+                run.id,
+                run.plugin,
+                run.sha256,
+                run.key_id,
+                run.queued_at_ms,
+                run.started_at_ms,
+                run.finished_at_ms,
+                run.status,
+                run.exit_code,
+                run.duration_ms,
+                run.input,
+                run.output,
+                run.stdout,
+                run.stderr,
+                run.stdout_truncated,
+                run.stderr_truncated,
+                run.error,
+                run.decisions.to_string(),
+            ])?;
         }
         Change::Start { id, at_ms } => {
-            db.execute(
+            db.prepare_cached(
                 "UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1 AND status = 'queued'",
-                params![id, at_ms],
-            )?;
+            )?
+            .execute(params![id, at_ms])?;
         }
         Change::Audit(event) => {
-            db.execute(
-                "INSERT INTO audit (time, kind, fields) VALUES (?1, ?2, ?3)",
-                params![event.time, event.kind, event.fields.to_string()],
-            )?;
+            db.prepare_cached("INSERT INTO audit (time, kind, fields) VALUES (?1, ?2, ?3)")?
+                .execute(params![event.time, event.kind, event.fields.to_string()])?;
         }
         Change::Prune {
             runs_before_ms,
