@@ -189,7 +189,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let audit = AuditLog::new(history.clone());
     let registry = Registry::load(engine.clone(), store).await?;
 
-    let listener = tokio::net::TcpListener::bind(&options.listen)
+    let listener = listen(&options.listen)
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
@@ -470,6 +470,39 @@ fn hide_environment() {
 
 /// Raises the soft limit on open files to the hard limit: every connection,
 /// preopened directory and shell pipe takes a descriptor.
+/// Length of the queue of connections not yet accepted. Tokio's default of
+/// 128 overflows when many clients connect at once. Linux caps this value at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on the first address `address` resolves to that can be bound.
+async fn listen(address: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last_error = None;
+    for candidate in tokio::net::lookup_host(address).await? {
+        let socket = if candidate.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does, so a restarted server can bind at once.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(candidate)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
 fn raise_open_file_limit() {
     #[cfg(unix)]
     {
