@@ -107,6 +107,23 @@ fn allowed_host_succeeds_end_to_end() {
 }
 
 #[test]
+fn empty_body_writable_after_response() {
+    let upstream = LocalServer::http();
+    let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");
+    server.upload_plugin("probe");
+
+    // hyper sends a request with `content-length: 0` without reading its
+    // body, and the response arrives before the task writes that body.
+    let result = server.run(
+        "probe",
+        json!({ "input": { "op": "late-body", "addr": format!("api.test:{}", upstream.port) } }),
+    );
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["output"]["status"], 200);
+    assert_eq!(upstream.requests(), 1);
+}
+
+#[test]
 fn unlisted_host_denied_before_connecting() {
     let upstream = LocalServer::http();
     let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");

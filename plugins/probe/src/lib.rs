@@ -17,6 +17,10 @@
 //! - `echo`: returns the input text unchanged.
 //! - `stain` `{"seed": N}`: fills 1 MiB of heap and a static buffer with a
 //!   pattern made from N, then returns how many copies `residue` finds.
+//! - `late-body` `{"addr": "HOST:PORT"}`: sends `POST /` with
+//!   `content-length: 0` through `wasi:http`, waits for the response, and only
+//!   then writes and finishes the empty body, as clients that send the body
+//!   while they wait for the response may do. Returns the response status.
 //! - `residue` `{"seed": N}`: counts the places in all of linear memory where
 //!   the pattern made from N begins; a fresh instance must have none.
 
@@ -56,6 +60,47 @@ static STAINED: std::sync::Mutex<[u8; 4096]> = std::sync::Mutex::new([0; 4096]);
 #[inline(never)]
 fn pattern_byte(seed: u64, index: usize) -> u8 {
     (seed >> (8 * (index % 8))) as u8 ^ 0x5a_u8.wrapping_add((index as u8).wrapping_mul(37))
+}
+
+/// Sends a request with an empty body that is written after the response arrived.
+fn late_body(addr: &str) -> Result<String, String> {
+    use wasi::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
+
+    let headers = Fields::from_list(&[("content-length".to_string(), b"0".to_vec())])
+        .map_err(|e| format!("invalid header: {e:?}"))?;
+    let request = OutgoingRequest::new(headers);
+    request.set_method(&Method::Post).map_err(|()| "invalid method")?;
+    request
+        .set_scheme(Some(&Scheme::Http))
+        .map_err(|()| "invalid scheme")?;
+    request
+        .set_authority(Some(addr))
+        .map_err(|()| format!("invalid authority {addr:?}"))?;
+    request
+        .set_path_with_query(Some("/"))
+        .map_err(|()| "invalid path")?;
+    let body = request
+        .body()
+        .map_err(|()| "the request body was already taken")?;
+
+    let pending = wasi::http::outgoing_handler::handle(request, None).map_err(|e| format!("send: {e:?}"))?;
+    pending.subscribe().block();
+    let response = match pending.get() {
+        Some(Ok(Ok(response))) => response,
+        Some(Ok(Err(e))) => return Err(format!("response: {e:?}")),
+        other => return Err(format!("response not ready: {other:?}")),
+    };
+
+    let stream = body.write().map_err(|()| "the body stream was already taken")?;
+    stream
+        .check_write()
+        .map_err(|e| format!("write to the request body: {e:?}"))?;
+    stream
+        .write(&[])
+        .map_err(|e| format!("write to the request body: {e:?}"))?;
+    drop(stream);
+    OutgoingBody::finish(body, None).map_err(|e| format!("finish the request body: {e:?}"))?;
+    Ok(serde_json::json!({ "status": response.status() }).to_string())
 }
 
 /// Counts where the pattern made from `seed` begins in linear memory.
@@ -181,6 +226,7 @@ impl Guest for Probe {
                 drop(stained);
                 Ok(serde_json::json!({ "found": count_pattern(seed) }).to_string())
             }
+            "late-body" => late_body(&required(input.addr, "addr")?),
             "residue" => {
                 let seed = required(input.seed, "seed")?;
                 Ok(serde_json::json!({ "found": count_pattern(seed) }).to_string())

@@ -309,6 +309,7 @@ impl Egress {
             .build()
             .map_err(|_| HttpError::HttpRequestUriInvalid)?;
 
+        let request = request.map(RequestBody::new);
         let max_bytes = self.max_response_bytes;
         let response =
             async move {
@@ -548,6 +549,72 @@ fn tls_error(error: std::io::Error) -> HttpError {
         HttpError::TlsCertificateError
     } else {
         HttpError::Tls(error)
+    }
+}
+
+/// A task's request body, as given to hyper.
+///
+/// hyper drops a body it does not need without reading it, such as the body
+/// of a request with `content-length: 0`. A task that writes the body after
+/// that sees the stream closed, as if the connection had been reset. So when
+/// hyper drops the body before its end, the rest is read and discarded in the
+/// background until the task finishes or drops the body, at the latest when
+/// the run ends.
+struct RequestBody {
+    body: Option<WasiBody>,
+    ended: bool,
+}
+
+impl RequestBody {
+    fn new(body: WasiBody) -> RequestBody {
+        RequestBody {
+            body: Some(body),
+            ended: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        if frame.is_none() {
+            self.ended = true;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let Some(mut body) = self.body.take() else {
+            return;
+        };
+        if self.ended || body.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
     }
 }
 
