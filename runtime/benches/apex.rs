@@ -3,6 +3,7 @@
 //! Measures, in one run on one machine, so the ratios compare like with like:
 //! - instantiate + run of `hello` in process, through Apex and through a bare
 //!   wasmtime embedding of the same component;
+//! - recording runs in the history database, one at a time and from 32 tasks;
 //! - signed runs over loopback HTTP at 1 and 32 connections, each request
 //!   signed afresh by the load generator;
 //! - spawning `python3 -c 'print(1)'` per task, the design Apex replaces;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use apex::engine::{Engine, EngineSettings, RunRequest, RunStatus};
 use apex::grants::Grants;
+use apex::history::{History, RunRecord, new_run_id, now_ms};
 use apex::policy::{Policy, ProtectedPaths};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -125,6 +127,13 @@ fn main() {
         "baseline",
     ));
 
+    let (one_record, many_records) = runtime.block_on(history_writes());
+    rows.push(row(
+        "run history: record one finished run, until committed",
+        format!("median {:.0} µs, p99 {:.0} µs", one_record.median, one_record.p99),
+        "included in the 1-connection p50",
+    ));
+
     let python = python_baseline();
     rows.push(row(
         "spawn `python3 -c 'print(1)'` per task",
@@ -154,6 +163,14 @@ fn main() {
             python.median / (1e6 / many.rate)
         ),
         "≥ 10,000 runs/s, p99 ≤ 10 ms",
+    ));
+    rows.push(row(
+        "run history: 32 tasks recording runs at once",
+        format!(
+            "{many_records:.0} runs/s committed ({:.1}× the 32-connection rate)",
+            many_records / many.rate
+        ),
+        "recording must not halve throughput",
     ));
     drop(server);
 
@@ -227,6 +244,81 @@ async fn in_process() -> (Stats, Stats) {
         }
     }
     (stats(apex_samples), stats(bare_samples))
+}
+
+/// Records runs in a fresh history database, as the server does for each run
+/// (queued, then finished and committed): one at a time, and from 32 tasks at
+/// once. Returns the latency of one run's records and the runs recorded per
+/// second by the 32 tasks.
+async fn history_writes() -> (Stats, f64) {
+    const RUNS: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let history = Arc::new(History::open(dir.path()).unwrap());
+
+    let mut samples = Vec::with_capacity(RUNS);
+    for index in 0..RUNS + 100 {
+        let (queued, finished) = run_records();
+        let started = Instant::now();
+        history.queue(queued);
+        history.finish(finished).await;
+        if index >= 100 {
+            samples.push(started.elapsed());
+        }
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let started = Instant::now();
+    let writers: Vec<_> = (0..32)
+        .map(|_| {
+            let history = history.clone();
+            tokio::spawn(async move {
+                let mut recorded = 0usize;
+                while Instant::now() < deadline {
+                    let (queued, finished) = run_records();
+                    history.queue(queued);
+                    history.finish(finished).await;
+                    recorded += 1;
+                }
+                recorded
+            })
+        })
+        .collect();
+    let mut recorded = 0;
+    for writer in writers {
+        recorded += writer.await.unwrap();
+    }
+    (stats(samples), recorded as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Returns the queued and the finished record of a run of `hello`.
+fn run_records() -> (RunRecord, RunRecord) {
+    let now = now_ms();
+    let queued = RunRecord {
+        id: new_run_id(),
+        plugin: "hello".into(),
+        sha256: "4db5d485842aa80ec350286f815acbad51b43588116ae943a0cdd924ed7ccb5c".into(),
+        key_id: "default".into(),
+        queued_at_ms: now,
+        started_at_ms: Some(now),
+        finished_at_ms: None,
+        status: "running".into(),
+        exit_code: None,
+        duration_ms: None,
+        input: Some(r#"{"name":"Ada"}"#.into()),
+        output: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        error: None,
+        decisions: serde_json::Value::Array(Vec::new()),
+    };
+    let mut finished = queued.clone();
+    finished.status = "succeeded".into();
+    finished.finished_at_ms = Some(now);
+    finished.duration_ms = Some(0);
+    finished.output = Some(r#"{"greeting":"Hello, Ada!"}"#.into());
+    (queued, finished)
 }
 
 /// The smallest embedding that runs the component: default configuration,
