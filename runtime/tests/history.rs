@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::{Request, Setup, TestServer};
@@ -176,6 +177,66 @@ fn run_in_flight_at_kill_is_interrupted() {
             .log()
             .contains("marked runs in flight at the last stop as interrupted")
     );
+}
+
+/// Sends `request` and reads until the connection ends, ignoring errors: for
+/// a request whose server is killed before it responds.
+fn send_until_closed(addr: &str, request: &Request) {
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return;
+    };
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nHost: {addr}\r\n",
+        request.method, request.target
+    );
+    for (name, value) in &request.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(&request.body);
+    let _ = stream.read_to_end(&mut Vec::new());
+}
+
+#[test]
+fn waiting_run_recorded_while_running() {
+    let mut server = TestServer::start_with(Setup {
+        policy: "timeouts: {task_seconds: 60}\n".into(),
+    });
+    server.upload_plugin("probe");
+
+    // A waiting run with a free slot is written to the history when it ends,
+    // or after a few milliseconds when it is still running.
+    let request = Request::new(
+        "POST",
+        "/v1/plugins/probe/run",
+        json!({ "input": { "op": "loop" } }).to_string(),
+    )
+    .signed();
+    let addr = server.addr.clone();
+    let client = std::thread::spawn(move || send_until_closed(&addr, &request));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let page = server
+            .send(&Request::new("GET", "/v1/runs?status=running", "").signed())
+            .json();
+        if let Some(run) = page["runs"].as_array().unwrap().first() {
+            break run["run_id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting run is not listed as running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    server.kill();
+    client.join().unwrap();
+    server.spawn();
+    let run = get_run(&server, &id);
+    assert_eq!(run["status"], "interrupted", "{run}");
+    assert_eq!(run["plugin"], "probe");
 }
 
 #[test]

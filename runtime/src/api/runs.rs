@@ -32,6 +32,10 @@ const RUN_STATUSES: [&str; 7] = [
     "interrupted",
 ];
 
+/// Time after which a waiting run that started at once is recorded as
+/// running. Most runs end sooner and are written once, when they end.
+const RECORD_RUNNING_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Maximum length of a run's input kept in the history, in bytes.
 const MAX_RECORDED_INPUT: usize = 64 * 1024;
 
@@ -157,14 +161,19 @@ pub(super) async fn run_plugin(
         error: None,
         decisions: Value::Array(Vec::new()),
     };
-    // The record is written before the response, so the run can be read at
-    // once. A run with a free slot is written as running, saving a write.
+    // A run with a free slot is recorded as running, saving a write.
     let mut record = record;
     if ticket.has_slot() {
         record.status = "running".into();
         record.started_at_ms = Some(record.queued_at_ms);
     }
-    state.history.queue(record.clone());
+    // A background or queued run is recorded before the response, so it can
+    // be read at once. A waiting run with a free slot is recorded when it
+    // ends, or after RECORD_RUNNING_AFTER if it is still running.
+    let record_later = request.wait && ticket.has_slot();
+    if !record_later {
+        state.history.queue(record.clone());
+    }
     let cancel = state.in_flight.insert(&record.id);
     let run = RunRequest {
         plugin: name,
@@ -175,7 +184,9 @@ pub(super) async fn run_plugin(
     // The run is its own task, so a client that disconnects does not stop it.
     let id = record.id.clone();
     let span = tracing::info_span!("run", run_id = %id, plugin = %record.plugin);
-    let task = tokio::spawn(execute(state.clone(), plugin, record, run, ticket, cancel).instrument(span));
+    let task = tokio::spawn(
+        execute(state.clone(), plugin, record, run, ticket, cancel, record_later).instrument(span),
+    );
     if !request.wait {
         return Ok((
             StatusCode::ACCEPTED,
@@ -194,7 +205,9 @@ pub(super) async fn run_plugin(
 }
 
 /// Waits for a slot, runs the plugin, and records the result. Returns the
-/// finished record and, when output was cut, a warning for the caller.
+/// finished record and, when output was cut, a warning for the caller. With
+/// `record_later`, the run is first recorded after [`RECORD_RUNNING_AFTER`],
+/// if it is still running then.
 async fn execute(
     state: Arc<AppState>,
     plugin: Arc<LoadedPlugin>,
@@ -202,6 +215,7 @@ async fn execute(
     run: RunRequest,
     ticket: Ticket,
     mut cancel: oneshot::Receiver<()>,
+    record_later: bool,
 ) -> (RunRecord, Option<String>) {
     let started_at_once = ticket.has_slot();
     let slot = tokio::select! {
@@ -222,15 +236,21 @@ async fn execute(
                     std::future::pending::<()>().await;
                 }
             };
-            let outcome = state
-                .engine
-                .run(
-                    &plugin.compiled,
-                    run,
-                    &state.grants_for(&record.plugin),
-                    cancelled,
-                )
-                .await;
+            let grants = state.grants_for(&record.plugin);
+            let running = state.engine.run(&plugin.compiled, run, &grants, cancelled);
+            let outcome = if record_later {
+                let mut running = std::pin::pin!(running);
+                tokio::select! {
+                    biased;
+                    outcome = &mut running => outcome,
+                    () = tokio::time::sleep(RECORD_RUNNING_AFTER) => {
+                        state.history.queue(record.clone());
+                        running.await
+                    }
+                }
+            } else {
+                running.await
+            };
             drop(slot);
             outcome
         }
