@@ -603,8 +603,6 @@ fn startup() -> (f64, f64) {
     (cached, cold)
 }
 
-/// Runs `count` fetches at once against a local server that responds after
-/// one second. Returns the wall time and the Apex server's peak RSS in MiB.
 /// Figures of the waiting runs.
 struct Waiting {
     /// Runs started.
@@ -638,6 +636,8 @@ impl std::fmt::Display for Waiting {
     }
 }
 
+/// Runs `count` fetches at once against a local server that responds after
+/// one second, and measures how they went.
 async fn waiting_runs(count: usize) -> Waiting {
     // All the runs connect at once, more than the default backlog of 128.
     let slow = tokio::net::TcpSocket::new_v4().unwrap();

@@ -189,9 +189,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let audit = AuditLog::new(history.clone());
     let registry = Registry::load(engine.clone(), store).await?;
 
-    let listener = listen(&options.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let listener = listen(&options.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (--listen takes a free address of this machine, such as 127.0.0.1:8080)",
+            options.listen
+        )
+    })?;
     let local = listener.local_addr()?;
     let tls = match (&options.tls_cert, &options.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
@@ -468,29 +471,17 @@ fn hide_environment() {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit: every connection,
-/// preopened directory and shell pipe takes a descriptor.
 /// Length of the queue of connections not yet accepted. Tokio's default of
 /// 128 overflows when many clients connect at once. Linux caps this value at
 /// `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Listens on the first address `address` resolves to that can be bound.
+/// Listens on the first address `address` resolves to that can be bound,
+/// trying the next one after any error, as `TcpListener::bind` does.
 async fn listen(address: &str) -> std::io::Result<tokio::net::TcpListener> {
     let mut last_error = None;
     for candidate in tokio::net::lookup_host(address).await? {
-        let socket = if candidate.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        // As `TcpListener::bind` does, so a restarted server can bind at once.
-        #[cfg(unix)]
-        socket.set_reuseaddr(true)?;
-        match socket
-            .bind(candidate)
-            .and_then(|()| socket.listen(LISTEN_BACKLOG))
-        {
+        match listen_on(candidate) {
             Ok(listener) => return Ok(listener),
             Err(e) => last_error = Some(e),
         }
@@ -503,6 +494,21 @@ async fn listen(address: &str) -> std::io::Result<tokio::net::TcpListener> {
     }))
 }
 
+fn listen_on(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does, so a restarted server can bind at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection,
+/// preopened directory and shell pipe takes a descriptor.
 fn raise_open_file_limit() {
     #[cfg(unix)]
     {

@@ -249,6 +249,37 @@ fn memory_limit_obeyed() {
     assert_eq!(result["output"]["allocated_mib"], 16);
 }
 
+/// Returns the resident memory of process `pid` in MiB.
+fn resident_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib >> 10
+}
+
+#[test]
+fn finished_runs_release_memory() {
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {max_concurrent_runs: 1, memory_mib: 256}\n".into(),
+    });
+    server.upload_plugin("probe");
+    let idle = resident_mib(server.pid());
+
+    // 15 runs of 200 MiB: 3 GiB in total if slots kept what runs touched.
+    for _ in 0..15 {
+        let result = probe(&server, json!({ "op": "alloc", "mib": 200 }));
+        assert_eq!(result["status"], "succeeded", "{result}");
+    }
+    let after = resident_mib(server.pid());
+    assert!(
+        after < idle + 256,
+        "{after} MiB resident after the runs, {idle} MiB before"
+    );
+}
+
 #[test]
 fn memory_limit_violated() {
     let server = TestServer::start_with(Setup {

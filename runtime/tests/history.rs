@@ -199,6 +199,22 @@ fn send_until_closed(addr: &str, request: &Request) {
 }
 
 #[test]
+fn accepted_run_survives_kill() {
+    let mut server = TestServer::start();
+    server.upload_plugin("probe");
+
+    // The server is killed right after each 202, before any other change
+    // could commit the run's record.
+    for _ in 0..3 {
+        let id = start_background(&server, "probe", json!({ "op": "sleep", "ms": 5000 }));
+        server.kill();
+        server.spawn();
+        let run = get_run(&server, &id);
+        assert_eq!(run["status"], "interrupted", "{run}");
+    }
+}
+
+#[test]
 fn waiting_run_recorded_while_running() {
     let mut server = TestServer::start_with(Setup {
         policy: "timeouts: {task_seconds: 60}\n".into(),

@@ -124,6 +124,25 @@ fn empty_body_writable_after_response() {
 }
 
 #[test]
+fn data_beyond_empty_body_rejected() {
+    let upstream = LocalServer::http();
+    let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");
+    server.upload_plugin("probe");
+
+    // The body is declared empty and kept open after hyper dropped it. A task
+    // that writes into it must still get an error for the unsent bytes.
+    let result = server.run(
+        "probe",
+        json!({ "input": {
+            "op": "late-body", "addr": format!("api.test:{}", upstream.port), "length": 0, "bytes": 4096
+        } }),
+    );
+    assert_eq!(result["status"], "failed", "{result}");
+    let error = result["error"].as_str().unwrap();
+    assert!(error.contains("write to the request body"), "{error}");
+}
+
+#[test]
 fn unlisted_host_denied_before_connecting() {
     let upstream = LocalServer::http();
     let server = apex(&[format!("api.test:{}", upstream.port)], allowed_private(), "");

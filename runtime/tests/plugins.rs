@@ -639,6 +639,43 @@ fn run_body_must_be_an_object() {
 }
 
 #[test]
+fn busy_or_invalid_listen_address_refused() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
+
+    for (address, cause) in [
+        (busy.as_str(), "in use"),
+        ("127.0.0.1:99999", "invalid port"),
+        ("nonsense", "invalid socket address"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args([
+                "serve",
+                "--config",
+                "policy.yaml",
+                "--data",
+                "data",
+                "--listen",
+                address,
+            ])
+            .current_dir(dir.path())
+            .env("APEX_SHARED_KEY", common::KEY)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{address}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("cannot listen on {address}")),
+            "{stderr}"
+        );
+        assert!(stderr.contains("such as 127.0.0.1:8080"), "{stderr}");
+        assert!(stderr.contains(cause), "{stderr}");
+    }
+}
+
+#[test]
 fn second_server_on_same_data_refused() {
     let server = TestServer::start();
     let output = common::serve_command(server.dir.path())

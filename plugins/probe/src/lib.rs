@@ -17,10 +17,11 @@
 //! - `echo`: returns the input text unchanged.
 //! - `stain` `{"seed": N}`: fills 1 MiB of heap and a static buffer with a
 //!   pattern made from N, then returns how many copies `residue` finds.
-//! - `late-body` `{"addr": "HOST:PORT"}`: sends `POST /` with
-//!   `content-length: 0` through `wasi:http`, waits for the response, and only
-//!   then writes and finishes the empty body, as clients that send the body
-//!   while they wait for the response may do. Returns the response status.
+//! - `late-body` `{"addr": "HOST:PORT", "length": L, "bytes": N}`: sends
+//!   `POST /` with `content-length: L` (default 0) through `wasi:http` and
+//!   waits for the response. Only then it writes N bytes (default 0) of body
+//!   and finishes it, as clients that send the body while they wait for the
+//!   response may do. Returns the response status, or the first error.
 //! - `residue` `{"seed": N}`: counts the places in all of linear memory where
 //!   the pattern made from N begins; a fresh instance must have none.
 
@@ -47,6 +48,7 @@ struct Input {
     byte: Option<u8>,
     message: Option<String>,
     seed: Option<u64>,
+    length: Option<u64>,
 }
 
 /// Length of the pattern `stain` writes.
@@ -62,11 +64,12 @@ fn pattern_byte(seed: u64, index: usize) -> u8 {
     (seed >> (8 * (index % 8))) as u8 ^ 0x5a_u8.wrapping_add((index as u8).wrapping_mul(37))
 }
 
-/// Sends a request with an empty body that is written after the response arrived.
-fn late_body(addr: &str) -> Result<String, String> {
+/// Sends a request whose body of `bytes` bytes, declared as `length`, is
+/// written after the response arrived.
+fn late_body(addr: &str, length: u64, bytes: usize) -> Result<String, String> {
     use wasi::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
 
-    let headers = Fields::from_list(&[("content-length".to_string(), b"0".to_vec())])
+    let headers = Fields::from_list(&[("content-length".to_string(), length.to_string().into_bytes())])
         .map_err(|e| format!("invalid header: {e:?}"))?;
     let request = OutgoingRequest::new(headers);
     request.set_method(&Method::Post).map_err(|()| "invalid method")?;
@@ -98,6 +101,15 @@ fn late_body(addr: &str) -> Result<String, String> {
     stream
         .write(&[])
         .map_err(|e| format!("write to the request body: {e:?}"))?;
+    let chunk = [b'x'; 4096];
+    let mut left = bytes;
+    while left > 0 {
+        let size = left.min(chunk.len());
+        stream
+            .blocking_write_and_flush(&chunk[..size])
+            .map_err(|e| format!("write to the request body after {} bytes: {e:?}", bytes - left))?;
+        left -= size;
+    }
     drop(stream);
     OutgoingBody::finish(body, None).map_err(|e| format!("finish the request body: {e:?}"))?;
     Ok(serde_json::json!({ "status": response.status() }).to_string())
@@ -226,7 +238,11 @@ impl Guest for Probe {
                 drop(stained);
                 Ok(serde_json::json!({ "found": count_pattern(seed) }).to_string())
             }
-            "late-body" => late_body(&required(input.addr, "addr")?),
+            "late-body" => late_body(
+                &required(input.addr, "addr")?,
+                input.length.unwrap_or(0),
+                input.bytes.unwrap_or(0),
+            ),
             "residue" => {
                 let seed = required(input.seed, "seed")?;
                 Ok(serde_json::json!({ "found": count_pattern(seed) }).to_string())

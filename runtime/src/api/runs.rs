@@ -167,11 +167,14 @@ pub(super) async fn run_plugin(
         record.status = "running".into();
         record.started_at_ms = Some(record.queued_at_ms);
     }
-    // A background or queued run is recorded before the response, so it can
-    // be read at once. A waiting run with a free slot is recorded when it
-    // ends, or after RECORD_RUNNING_AFTER if it is still running.
+    // A background run is committed before the 202 that gives out its id,
+    // so a crash cannot lose it. A queued waiting run is recorded at once, so
+    // it can be read while it waits. A waiting run with a free slot is
+    // recorded when it ends, or after RECORD_RUNNING_AFTER if it still runs.
     let record_later = request.wait && ticket.has_slot();
-    if !record_later {
+    if !request.wait {
+        state.history.queue_committed(record.clone()).await;
+    } else if !record_later {
         state.history.queue(record.clone());
     }
     let cancel = state.in_flight.insert(&record.id);

@@ -249,9 +249,20 @@ impl Engine {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        let reset = pool::SlotReset::detect();
+        match reset {
+            pool::SlotReset::InPlace => tracing::debug!("pool slots are reset in place"),
+            pool::SlotReset::NoPagemapScan => tracing::info!(
+                "pool slots are reset with madvise, which is slower: this kernel lacks PAGEMAP_SCAN (Linux 6.7)"
+            ),
+            pool::SlotReset::SwapActive => tracing::info!(
+                "pool slots are reset with madvise, which is slower: a swap area is active, and the in-place reset would miss swapped-out pages"
+            ),
+        }
         config.allocation_strategy(pool::strategy(
             settings.max_concurrent_runs,
             settings.memory_bytes,
+            reset,
         ));
 
         let engine = wasmtime::Engine::new(&config)?;

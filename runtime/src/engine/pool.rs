@@ -12,12 +12,17 @@
 //! touches, and on a busy server each `madvise` also interrupts the other
 //! cores to flush their TLBs.
 //!
-//! Where Linux reports which pages a run touched (`PAGEMAP_SCAN`, Linux 6.7
+//! Where Linux reports which pages a run wrote (`PAGEMAP_SCAN`, Linux 6.7
 //! and later), the pool instead copies the original contents back over those
-//! pages only, and they stay mapped for the next run. This applies to the
-//! first [`MEMORY_KEEP_RESIDENT`] bytes of each memory slot and the first
-//! [`TABLE_KEEP_RESIDENT`] bytes of each table slot, and keeps no more than
-//! runs touched.
+//! pages, and they stay mapped for the next run. wasmtime does this for up to
+//! [`MEMORY_KEEP_RESIDENT`] bytes of written pages per memory and
+//! [`TABLE_KEEP_RESIDENT`] per table, in at most 32 separate ranges, and
+//! resets the rest with `madvise`.
+//!
+//! wasmtime 48's scan looks only at pages in RAM, so a written page that was
+//! swapped out would be neither restored nor reset, and the next run in the
+//! slot could read it. Apex therefore resets in place only when no swap area
+//! is active at startup.
 
 use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -40,12 +45,33 @@ pub const MEMORY_KEEP_RESIDENT: usize = 2 << 20;
 /// Bytes of each table reset in place and kept mapped after a run.
 pub const TABLE_KEEP_RESIDENT: usize = 256 << 10;
 
-/// Slots whose reset is queued before one batch of `madvise` calls.
-const DECOMMIT_BATCH: usize = 16;
+/// Method of resetting pool slots between runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotReset {
+    /// Written pages are restored in place and stay mapped.
+    InPlace,
+    /// `madvise`, because the kernel lacks `PAGEMAP_SCAN`.
+    NoPagemapScan,
+    /// `madvise`, because a swap area is active.
+    SwapActive,
+}
+
+impl SlotReset {
+    /// Returns how this host can reset slots.
+    pub fn detect() -> SlotReset {
+        if !pagemap_scan_supported() {
+            SlotReset::NoPagemapScan
+        } else if swap_active() {
+            SlotReset::SwapActive
+        } else {
+            SlotReset::InPlace
+        }
+    }
+}
 
 /// Returns the allocation strategy for `runs` concurrent runs whose linear
 /// memories may each reach `memory_bytes`.
-pub fn strategy(runs: u32, memory_bytes: usize) -> InstanceAllocationStrategy {
+pub fn strategy(runs: u32, memory_bytes: usize, reset: SlotReset) -> InstanceAllocationStrategy {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(runs)
         .total_core_instances(runs.saturating_mul(CORE_INSTANCES_PER_RUN))
@@ -59,12 +85,11 @@ pub fn strategy(runs: u32, memory_bytes: usize) -> InstanceAllocationStrategy {
         .max_memories_per_module(2)
         .max_tables_per_module(8)
         .table_elements(TABLE_ELEMENTS)
-        .max_memory_size(memory_bytes)
-        .decommit_batch_size(DECOMMIT_BATCH);
+        .max_memory_size(memory_bytes);
     // Without `PAGEMAP_SCAN`, wasmtime would reset the first bytes kept
     // resident whether or not a run touched them, which costs more than it
     // saves.
-    if pagemap_scan_supported() {
+    if reset == SlotReset::InPlace {
         pool.pagemap_scan(Enabled::Auto)
             .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
             .table_keep_resident(TABLE_KEEP_RESIDENT);
@@ -83,6 +108,21 @@ fn pagemap_scan_supported() -> bool {
     kernel_at_least(&release, (6, 7))
 }
 
+/// Returns whether `/proc/swaps` lists an active swap area. An unreadable
+/// file counts as active.
+fn swap_active() -> bool {
+    match std::fs::read_to_string("/proc/swaps") {
+        Ok(swaps) => swaps_listed(&swaps),
+        Err(_) => true,
+    }
+}
+
+/// Returns whether the text of `/proc/swaps` lists a swap area below its
+/// header line.
+fn swaps_listed(swaps: &str) -> bool {
+    swaps.lines().skip(1).any(|line| !line.trim().is_empty())
+}
+
 /// Returns whether a kernel release such as `6.8.0-45-generic` is at least `minimum`.
 fn kernel_at_least(release: &str, minimum: (u32, u32)) -> bool {
     let mut numbers = release
@@ -97,7 +137,17 @@ fn kernel_at_least(release: &str, minimum: (u32, u32)) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::kernel_at_least;
+    use super::{kernel_at_least, swaps_listed};
+
+    #[test]
+    fn reads_swap_areas() {
+        let header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n";
+        assert!(!swaps_listed(header));
+        assert!(!swaps_listed(""));
+        assert!(swaps_listed(&format!(
+            "{header}/dev/zram0                              partition\t4194300\t\t0\t\t100\n"
+        )));
+    }
 
     #[test]
     fn reads_kernel_releases() {

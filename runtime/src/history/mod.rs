@@ -199,6 +199,14 @@ impl History {
         self.send(Change::Queue(Box::new(run)), None);
     }
 
+    /// Records a queued run and waits until it is committed, so a crash after
+    /// this returns cannot lose it.
+    pub async fn queue_committed(&self, run: RunRecord) {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.send(Change::Queue(Box::new(run)), Some(done));
+        let _ = committed.await;
+    }
+
     /// Records that a run started.
     pub fn start(&self, id: &str) {
         self.send(

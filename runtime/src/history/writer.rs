@@ -23,7 +23,7 @@ use super::{AuditEvent, RunRecord};
 /// Largest number of changes committed in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// Longest time an unacknowledged change stays uncommitted.
+/// Maximum time an unacknowledged change stays uncommitted.
 const GROUP_WINDOW: Duration = Duration::from_millis(2);
 
 /// Writes a whole run record, new or replacing the earlier one.
@@ -171,4 +171,63 @@ fn apply(db: &Connection, change: &Change) -> rusqlite::Result<()> {
         Change::Barrier => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use super::super::{RunRecord, SCHEMA, new_run_id, now_ms};
+    use super::{Change, Job, commit};
+
+    fn job(change: Change) -> Job {
+        Job { change, done: None }
+    }
+
+    #[test]
+    fn finished_record_supersedes_earlier_changes_in_batch() {
+        let mut connection = Connection::open_in_memory().unwrap();
+        connection.execute_batch(SCHEMA).unwrap();
+        let queued = RunRecord {
+            id: new_run_id(),
+            plugin: "hello".into(),
+            sha256: "00".repeat(32),
+            key_id: "default".into(),
+            queued_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            status: "queued".into(),
+            exit_code: None,
+            duration_ms: None,
+            input: None,
+            output: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            error: None,
+            decisions: serde_json::Value::Array(Vec::new()),
+        };
+        let mut finished = queued.clone();
+        finished.status = "succeeded".into();
+
+        // Written in order, the queued record and the start would overwrite
+        // the finished record that comes before them in this batch.
+        let batch = [
+            job(Change::Finish(Box::new(finished))),
+            job(Change::Queue(Box::new(queued.clone()))),
+            job(Change::Start {
+                id: queued.id.clone(),
+                at_ms: now_ms(),
+            }),
+        ];
+        commit(&mut connection, &batch).unwrap();
+
+        let status: String = connection
+            .query_row("SELECT status FROM runs WHERE id = ?1", [&queued.id], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(status, "succeeded");
+    }
 }

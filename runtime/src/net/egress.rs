@@ -309,7 +309,8 @@ impl Egress {
             .build()
             .map_err(|_| HttpError::HttpRequestUriInvalid)?;
 
-        let request = request.map(RequestBody::new);
+        let sent_empty = sent_without_body(&request);
+        let request = request.map(|body| RequestBody::new(body, sent_empty));
         let max_bytes = self.max_response_bytes;
         let response =
             async move {
@@ -552,24 +553,44 @@ fn tls_error(error: std::io::Error) -> HttpError {
     }
 }
 
+/// Returns whether hyper sends `request` with an empty body without reading
+/// the body: with `content-length: 0`, or as GET, HEAD or CONNECT with neither
+/// `content-length` nor `transfer-encoding`.
+fn sent_without_body<B>(request: &http::Request<B>) -> bool {
+    let headers = request.headers();
+    match headers.get(http::header::CONTENT_LENGTH) {
+        Some(length) => length.as_bytes() == b"0",
+        None => {
+            !headers.contains_key(http::header::TRANSFER_ENCODING)
+                && matches!(
+                    *request.method(),
+                    http::Method::GET | http::Method::HEAD | http::Method::CONNECT
+                )
+        }
+    }
+}
+
 /// A task's request body, as given to hyper.
 ///
-/// hyper drops a body it does not need without reading it, such as the body
-/// of a request with `content-length: 0`. A task that writes the body after
-/// that sees the stream closed, as if the connection had been reset. So when
-/// hyper drops the body before its end, the rest is read and discarded in the
-/// background until the task finishes or drops the body, at the latest when
-/// the run ends.
+/// hyper drops the body of a request it sends without one (see
+/// [`sent_without_body`]) before reading it. A task that finishes such a body
+/// after that would see the stream closed, as if the connection had been
+/// reset. So the body is then kept open in the background until the task
+/// finishes or drops it, at the latest when the run ends. The first data
+/// written to it ends that, and later writes fail as before: hyper sends no
+/// body for such a request either way.
 struct RequestBody {
     body: Option<WasiBody>,
     ended: bool,
+    sent_empty: bool,
 }
 
 impl RequestBody {
-    fn new(body: WasiBody) -> RequestBody {
+    fn new(body: WasiBody, sent_empty: bool) -> RequestBody {
         RequestBody {
             body: Some(body),
             ended: false,
+            sent_empty,
         }
     }
 }
@@ -608,13 +629,19 @@ impl Drop for RequestBody {
         let Some(mut body) = self.body.take() else {
             return;
         };
-        if self.ended || body.is_end_stream() {
+        if !self.sent_empty || self.ended || body.is_end_stream() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        runtime.spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+        runtime.spawn(async move {
+            while let Some(Ok(frame)) = body.frame().await {
+                if frame.data_ref().is_some_and(|data| !data.is_empty()) {
+                    break;
+                }
+            }
+        });
     }
 }
 
