@@ -303,7 +303,7 @@ async fn history_writes() -> (Stats, f64) {
         let (queued, finished) = run_records();
         let started = Instant::now();
         history.queue(queued);
-        history.finish(finished).await;
+        history.finish(finished).await.unwrap();
         if index >= 100 {
             samples.push(started.elapsed());
         }
@@ -319,7 +319,7 @@ async fn history_writes() -> (Stats, f64) {
                 while Instant::now() < deadline {
                     let (queued, finished) = run_records();
                     history.queue(queued);
-                    history.finish(finished).await;
+                    history.finish(finished).await.unwrap();
                     recorded += 1;
                 }
                 recorded

@@ -215,6 +215,71 @@ fn accepted_run_survives_kill() {
 }
 
 #[test]
+fn background_run_survives_client_hang_up() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+    let body = json!({ "input": {}, "wait": false }).to_string();
+
+    // Each client hangs up a little later, some before their 202.
+    for attempt in 0..200u64 {
+        let request = Request::new("POST", "/v1/plugins/hello/run", body.clone()).signed();
+        let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\n", request.target);
+        for (name, value) in &request.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
+        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&request.body).unwrap();
+        std::thread::sleep(Duration::from_micros(attempt * 20));
+        drop(stream);
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = server
+            .send(&Request::new("GET", "/v1/runs?limit=1000", "").signed())
+            .json();
+        let runs = page["runs"].as_array().unwrap();
+        let unfinished: Vec<&Value> = runs.iter().filter(|run| run["status"] != "succeeded").collect();
+        if unfinished.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "runs left unfinished: {unfinished:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn failed_commit_reported_to_client() {
+    let server = TestServer::start();
+    server.upload_plugin("hello");
+    let locker = rusqlite::Connection::open(server.data().join("history.db")).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    // The writer gives up after its 5 s busy timeout.
+    let body = json!({ "input": { "name": "Ada" }, "wait": false }).to_string();
+    let response = server.send(&Request::new("POST", "/v1/plugins/hello/run", body.clone()).signed());
+    assert_eq!(
+        response.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(response.error_code(), "history_unavailable");
+
+    let waited = server.run("hello", json!({ "input": { "name": "Ada" } }));
+    assert_eq!(waited["status"], "succeeded", "{waited}");
+    let warning = waited["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("could not record"), "{waited}");
+
+    locker.execute_batch("ROLLBACK").unwrap();
+    let id = start_background(&server, "hello", json!({ "name": "Ada" }));
+    let run = wait_for(&server, &id, &["succeeded"], Duration::from_secs(10));
+    assert_eq!(run["output"]["greeting"], "Hello, Ada!");
+}
+
+#[test]
 fn waiting_run_recorded_while_running() {
     let mut server = TestServer::start_with(Setup {
         policy: "timeouts: {task_seconds: 60}\n".into(),

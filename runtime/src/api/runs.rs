@@ -167,36 +167,59 @@ pub(super) async fn run_plugin(
         record.status = "running".into();
         record.started_at_ms = Some(record.queued_at_ms);
     }
-    // A background run is committed before the 202 that gives out its id,
-    // so a crash cannot lose it. A queued waiting run is recorded at once, so
-    // it can be read while it waits. A waiting run with a free slot is
-    // recorded when it ends, or after RECORD_RUNNING_AFTER if it still runs.
-    let record_later = request.wait && ticket.has_slot();
-    if !request.wait {
-        state.history.queue_committed(record.clone()).await;
-    } else if !record_later {
-        state.history.queue(record.clone());
-    }
     let cancel = state.in_flight.insert(&record.id);
     let run = RunRequest {
         plugin: name,
         input,
         args: request.args,
     };
-
-    // The run is its own task, so a client that disconnects does not stop it.
     let id = record.id.clone();
     let span = tracing::info_span!("run", run_id = %id, plugin = %record.plugin);
+
+    // The run is its own task, so a client that disconnects does not stop it.
+    if !request.wait {
+        // The record is committed before the 202 that gives out the run id,
+        // and in the run's task, so a client that hangs up cannot leave a
+        // record of a run that never starts.
+        let (committed_sender, committed) = oneshot::channel();
+        let state_for_run = state.clone();
+        tokio::spawn(
+            async move {
+                let stored = state_for_run.history.queue_committed(record.clone()).await;
+                let failed = stored.is_err();
+                let _ = committed_sender.send(stored);
+                if failed {
+                    state_for_run.in_flight.take(&record.id);
+                    return;
+                }
+                execute(state_for_run, plugin, record, run, ticket, cancel, false).await;
+            }
+            .instrument(span),
+        );
+        return match committed.await {
+            Ok(Ok(())) => Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "run_id": id, "status": "queued" })),
+            )
+                .into_response()),
+            Ok(Err(e)) => {
+                tracing::error!(run_id = %id, error = %e, "cannot record a background run; rejecting it");
+                Err(history_unavailable())
+            }
+            Err(_) => Err(history_unavailable()),
+        };
+    }
+
+    // A queued waiting run is recorded at once, so it can be read while it
+    // waits. A waiting run with a free slot is recorded when it ends, or
+    // after RECORD_RUNNING_AFTER if it still runs.
+    let record_later = ticket.has_slot();
+    if !record_later {
+        state.history.queue(record.clone());
+    }
     let task = tokio::spawn(
         execute(state.clone(), plugin, record, run, ticket, cancel, record_later).instrument(span),
     );
-    if !request.wait {
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({ "run_id": id, "status": "queued" })),
-        )
-            .into_response());
-    }
     let (record, warning) = task
         .await
         .map_err(|e| ApiError::internal("the run task failed", e))?;
@@ -289,8 +312,27 @@ async fn execute(
         duration_ms = record.duration_ms.unwrap_or(0),
         "run finished"
     );
-    state.history.finish(record.clone()).await;
+    let warning = match state.history.finish(record.clone()).await {
+        Ok(()) => warning,
+        Err(e) => {
+            tracing::error!(run_id = %record.id, error = %e, "cannot record a finished run");
+            let lost = format!("the run finished, but the history could not record it: {e}");
+            Some(match warning {
+                Some(warning) => format!("{warning}; {lost}"),
+                None => lost,
+            })
+        }
+    };
     (record, warning)
+}
+
+/// Returns the error for a run that could not be recorded before it started.
+fn history_unavailable() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "history_unavailable",
+        "the run history cannot record the run, so it was not started; see the server log and retry",
+    )
 }
 
 fn fill_record(record: &mut RunRecord, outcome: &RunOutcome) {

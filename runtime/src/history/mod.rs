@@ -187,7 +187,7 @@ impl History {
         })
     }
 
-    fn send(&self, change: Change, done: Option<tokio::sync::oneshot::Sender<()>>) {
+    fn send(&self, change: Change, done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>) {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         if jobs.send(Job { change, done }).is_err() {
             tracing::error!("the history writer has stopped; a change is lost");
@@ -199,12 +199,23 @@ impl History {
         self.send(Change::Queue(Box::new(run)), None);
     }
 
-    /// Records a queued run and waits until it is committed, so a crash after
-    /// this returns cannot lose it.
-    pub async fn queue_committed(&self, run: RunRecord) {
+    /// Records a queued run and waits until it is committed, so a crash of
+    /// the server after this returns cannot lose it.
+    ///
+    /// # Errors
+    ///
+    /// Returns the reason when the commit failed.
+    pub async fn queue_committed(&self, run: RunRecord) -> Result<(), String> {
+        self.send_committed(Change::Queue(Box::new(run))).await
+    }
+
+    /// Sends `change` and waits until it is committed.
+    async fn send_committed(&self, change: Change) -> Result<(), String> {
         let (done, committed) = tokio::sync::oneshot::channel();
-        self.send(Change::Queue(Box::new(run)), Some(done));
-        let _ = committed.await;
+        self.send(change, Some(done));
+        committed
+            .await
+            .unwrap_or_else(|_| Err("the history writer has stopped".to_string()))
     }
 
     /// Records that a run started.
@@ -218,12 +229,15 @@ impl History {
         );
     }
 
-    /// Records a finished run and waits until it is committed, so a crash
-    /// after this returns cannot lose it.
-    pub async fn finish(&self, run: RunRecord) {
-        let (done, committed) = tokio::sync::oneshot::channel();
-        self.send(Change::Finish(Box::new(run)), Some(done));
-        let _ = committed.await;
+    /// Records a finished run and waits until it is committed, so a crash of
+    /// the server after this returns cannot lose it. With `synchronous=NORMAL`,
+    /// a crash of the operating system or a power loss still can.
+    ///
+    /// # Errors
+    ///
+    /// Returns the reason when the commit failed.
+    pub async fn finish(&self, run: RunRecord) -> Result<(), String> {
+        self.send_committed(Change::Finish(Box::new(run))).await
     }
 
     /// Records an audit event.
@@ -239,9 +253,8 @@ impl History {
 
     /// Waits until every change sent so far is committed.
     pub async fn flush(&self) {
-        let (done, committed) = tokio::sync::oneshot::channel();
-        self.send(Change::Barrier, Some(done));
-        let _ = committed.await;
+        // A failed commit is logged by the writer; reads go on with what is stored.
+        let _ = self.send_committed(Change::Barrier).await;
     }
 
     /// Removes runs finished more than `runs_days` ago and audit events older
@@ -470,7 +483,7 @@ mod tests {
         runtime().block_on(async {
             history.queue(record.clone());
             history.start(&record.id);
-            history.finish(finished.clone()).await;
+            history.finish(finished.clone()).await.unwrap();
 
             assert_eq!(history.run(&record.id).await.unwrap(), Some(finished));
             let listed = history

@@ -52,19 +52,20 @@ pub enum Change {
 /// A change and, optionally, whom to tell once it is committed.
 pub struct Job {
     pub change: Change,
-    pub done: Option<tokio::sync::oneshot::Sender<()>>,
+    pub done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 /// Runs the writer loop until every sender is dropped.
 pub fn run(mut connection: Connection, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let batch = collect_batch(first, &jobs);
-        if let Err(e) = commit(&mut connection, &batch) {
+        let result = commit(&mut connection, &batch).map_err(|e| e.to_string());
+        if let Err(e) = &result {
             tracing::error!(error = %e, changes = batch.len(), "cannot write run history");
         }
         for job in batch {
             if let Some(done) = job.done {
-                let _ = done.send(());
+                let _ = done.send(result.clone());
             }
         }
     }
