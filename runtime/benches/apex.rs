@@ -113,10 +113,11 @@ fn main() {
     // `APEX_BENCH_ONLY=engine` runs just the in-process runs.
     if std::env::var("APEX_BENCH_ONLY").as_deref() == Ok("engine") {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let (apex_run, bare_run) = runtime.block_on(in_process());
+        let (apex_run, in_place, bare_run) = runtime.block_on(in_process());
         println!(
-            "Apex: median {:.1} µs, p99 {:.1} µs; bare wasmtime: median {:.1} µs, p99 {:.1} µs",
-            apex_run.median, apex_run.p99, bare_run.median, bare_run.p99
+            "Apex: median {:.1} µs, p99 {:.1} µs; reset in place: median {:.1} µs, p99 {:.1} µs; \
+             bare wasmtime: median {:.1} µs, p99 {:.1} µs",
+            apex_run.median, apex_run.p99, in_place.median, in_place.p99, bare_run.median, bare_run.p99
         );
         return;
     }
@@ -131,11 +132,16 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut rows = Vec::new();
 
-    let (apex_run, bare_run) = runtime.block_on(in_process());
+    let (apex_run, in_place, bare_run) = runtime.block_on(in_process());
     rows.push(row(
         "in process: instantiate + run `hello`, Apex",
         format!("median {:.1} µs, p99 {:.1} µs", apex_run.median, apex_run.p99),
         judged("median ≤ 25 µs", &[over(apex_run.median, 25.0, "median")]),
+    ));
+    rows.push(row(
+        "in process: the same, slots reset in place (`--reset-slots-in-place`)",
+        format!("median {:.1} µs, p99 {:.1} µs", in_place.median, in_place.p99),
+        judged("median ≤ 25 µs", &[over(in_place.median, 25.0, "median")]),
     ));
     rows.push(row(
         "in process: same component, bare wasmtime",
@@ -211,6 +217,30 @@ fn main() {
     ));
     drop(server);
 
+    let server = BenchServer::start_with_args(
+        "limits: {max_concurrent_runs: 64, max_queued_runs: 4096}\n",
+        &["--reset-slots-in-place"],
+    );
+    server.upload("hello", &plugin("hello"));
+    let one = runtime.block_on(http_load(&server.addr, 1, Duration::from_secs(5)));
+    let many = runtime.block_on(http_load(&server.addr, 32, Duration::from_secs(5)));
+    rows.push(row(
+        "signed HTTP runs, slots reset in place (`--reset-slots-in-place`)",
+        format!(
+            "1 connection: p50 {:.0} µs, p99 {:.0} µs; 32 connections: {:.0} runs/s, p99 {:.0} µs",
+            one.latency.median, one.latency.p99, many.rate, many.latency.p99
+        ),
+        judged(
+            "the same targets",
+            &[
+                over(one.latency.median, 200.0, "p50"),
+                under(many.rate, 10_000.0, "rate"),
+                over(many.latency.p99, 10_000.0, "p99"),
+            ],
+        ),
+    ));
+    drop(server);
+
     let (cached, cold) = startup();
     rows.push(row(
         "ready with 100 stored plugins, cached compiled code",
@@ -239,12 +269,22 @@ fn main() {
     report(&rows);
 }
 
-/// Runs `hello` in process through Apex and through a bare embedding.
-async fn in_process() -> (Stats, Stats) {
-    const RUNS: usize = 3000;
+/// Runs `hello` in process through Apex, with slots reset by `madvise` and in
+/// place, and through a bare embedding.
+async fn in_process() -> (Stats, Stats, Stats) {
     let wasm = plugin("hello");
     let input = r#"{"name":"Ada"}"#.to_string();
+    let madvise = apex_runs(&wasm, &input, false).await;
+    let in_place = apex_runs(&wasm, &input, true).await;
+    let bare = bare_runs(&wasm, &input).await;
+    (madvise, in_place, bare)
+}
 
+const IN_PROCESS_RUNS: usize = 3000;
+
+/// Runs `hello` in process through Apex.
+async fn apex_runs(wasm: &[u8], input: &str, reset_in_place: bool) -> Stats {
+    const RUNS: usize = IN_PROCESS_RUNS;
     let dir = tempfile::tempdir().unwrap();
     let policy_file = dir.path().join("policy.yaml");
     std::fs::write(&policy_file, "").unwrap();
@@ -252,16 +292,17 @@ async fn in_process() -> (Stats, Stats) {
     let settings = EngineSettings {
         memory_bytes: policy.limits.memory_bytes,
         max_concurrent_runs: 64,
+        reset_in_place,
     };
     let grants = Grants::new(policy, dir.path().to_path_buf()).unwrap();
     let engine = Engine::new(settings).unwrap();
-    let compiled = engine.compile(&wasm).unwrap();
+    let compiled = engine.compile(wasm).unwrap();
 
-    let mut apex_samples = Vec::with_capacity(RUNS);
+    let mut samples = Vec::with_capacity(RUNS);
     for index in 0..RUNS + 100 {
         let request = RunRequest {
             plugin: "hello".into(),
-            input: Some(input.clone()),
+            input: Some(input.to_string()),
             args: Vec::new(),
         };
         let started = Instant::now();
@@ -271,22 +312,27 @@ async fn in_process() -> (Stats, Stats) {
         let elapsed = started.elapsed();
         assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
         if index >= 100 {
-            apex_samples.push(elapsed);
+            samples.push(elapsed);
         }
     }
+    stats(samples)
+}
 
-    let bare = bare::Bare::new(&wasm);
+/// Runs `hello` in process through the bare embedding.
+async fn bare_runs(wasm: &[u8], input: &str) -> Stats {
+    const RUNS: usize = IN_PROCESS_RUNS;
+    let bare = bare::Bare::new(wasm);
     let mut bare_samples = Vec::with_capacity(RUNS);
     for index in 0..RUNS + 100 {
         let started = Instant::now();
-        let output = bare.run(&input).await;
+        let output = bare.run(input).await;
         let elapsed = started.elapsed();
         assert!(output.contains("Ada"));
         if index >= 100 {
             bare_samples.push(elapsed);
         }
     }
-    (stats(apex_samples), stats(bare_samples))
+    stats(bare_samples)
 }
 
 /// Records runs in a fresh history database, as the server does for each run
@@ -440,9 +486,14 @@ struct BenchServer {
 
 impl BenchServer {
     fn start(policy: &str) -> BenchServer {
+        BenchServer::start_with_args(policy, &[])
+    }
+
+    /// Starts a server with the extra `apex serve` arguments `args`.
+    fn start_with_args(policy: &str, args: &[&str]) -> BenchServer {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
-        let (child, addr) = spawn_server(dir.path());
+        let (child, addr) = spawn_server(dir.path(), args);
         BenchServer { dir, addr, child }
     }
 
@@ -460,7 +511,7 @@ impl Drop for BenchServer {
 }
 
 /// Starts `apex serve` in `dir`, returning the child and its address once it listens.
-fn spawn_server(dir: &Path) -> (Child, String) {
+fn spawn_server(dir: &Path, args: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_apex"))
         .args([
             "serve",
@@ -471,6 +522,7 @@ fn spawn_server(dir: &Path) -> (Child, String) {
             "--listen",
             "127.0.0.1:0",
         ])
+        .args(args)
         .current_dir(dir)
         .env("APEX_SHARED_KEY", KEY)
         .env("APEX_LOG", "warn")
@@ -595,7 +647,7 @@ fn startup() -> (f64, f64) {
 
     let time_start = |dir: &Path| {
         let started = Instant::now();
-        let (mut child, _) = spawn_server(dir);
+        let (mut child, _) = spawn_server(dir, &[]);
         let elapsed = started.elapsed().as_secs_f64();
         let _ = child.kill();
         let _ = child.wait();

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM, mode 600).
     pub tls_key: Option<PathBuf>,
+    /// Whether pool slots may be reset in place.
+    pub reset_slots_in_place: bool,
 }
 
 /// Name of the file of environment variables read from the working directory.
@@ -176,6 +178,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let settings = EngineSettings {
         memory_bytes: policy.limits.memory_bytes,
         max_concurrent_runs: u32::try_from(policy.limits.max_concurrent_runs).unwrap_or(u32::MAX),
+        reset_in_place: options.reset_slots_in_place,
     };
     let run_slots = RunSlots::new(policy.limits.max_concurrent_runs, policy.limits.max_queued_runs);
     let engine = Arc::new(Engine::new(settings).context("cannot start the WebAssembly engine")?);

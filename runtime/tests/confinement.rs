@@ -260,12 +260,25 @@ fn resident_mib(pid: u32) -> u64 {
     kib >> 10
 }
 
+/// Asserts that the server logs whether it resets slots in place, or why not.
+fn assert_reset_in_place_reported(server: &TestServer) {
+    let log = server.log();
+    assert!(
+        log.contains("pool slots are reset in place") || log.contains("--reset-slots-in-place is ignored"),
+        "{log}"
+    );
+}
+
 #[test]
 fn finished_runs_release_memory() {
-    let server = TestServer::start_with(Setup {
-        policy: "limits: {max_concurrent_runs: 1, memory_mib: 256}\n".into(),
-    });
+    let server = TestServer::start_with_args(
+        Setup {
+            policy: "limits: {max_concurrent_runs: 1, memory_mib: 256}\n".into(),
+        },
+        &["--reset-slots-in-place"],
+    );
     server.upload_plugin("probe");
+    assert_reset_in_place_reported(&server);
     let idle = resident_mib(server.pid());
 
     // 15 runs of 200 MiB: 3 GiB in total if slots kept what runs touched.
@@ -341,12 +354,26 @@ fn invalid_utf8_output_is_valid_json() {
 
 #[test]
 fn later_run_sees_no_earlier_memory() {
+    for args in [&[][..], &["--reset-slots-in-place"][..]] {
+        check_no_memory_left(args);
+    }
+}
+
+/// Starts a server with `args` and checks that no run finds what an earlier
+/// run wrote to its memory.
+fn check_no_memory_left(args: &[&str]) {
     // With one run slot, each run is likely to reuse the memory slot of the
     // run before it.
-    let server = TestServer::start_with(Setup {
-        policy: "limits: {max_concurrent_runs: 1}\n".into(),
-    });
+    let server = TestServer::start_with_args(
+        Setup {
+            policy: "limits: {max_concurrent_runs: 1}\n".into(),
+        },
+        args,
+    );
     server.upload_plugin("probe");
+    if !args.is_empty() {
+        assert_reset_in_place_reported(&server);
+    }
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -136,6 +136,8 @@ pub struct EngineSettings {
     pub memory_bytes: usize,
     /// Runs that may execute at once; the instance pool is sized for them.
     pub max_concurrent_runs: u32,
+    /// Whether pool slots may be reset in place (`--reset-slots-in-place`).
+    pub reset_in_place: bool,
 }
 
 /// Final status of a run.
@@ -249,14 +251,17 @@ impl Engine {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        let reset = pool::SlotReset::detect();
+        let reset = pool::SlotReset::detect(settings.reset_in_place);
         match reset {
-            pool::SlotReset::InPlace => tracing::debug!("pool slots are reset in place"),
-            pool::SlotReset::NoPagemapScan => tracing::info!(
-                "pool slots are reset with madvise, which is slower: this kernel lacks PAGEMAP_SCAN (Linux 6.7)"
+            pool::SlotReset::Madvise => {}
+            pool::SlotReset::InPlace => tracing::warn!(
+                "pool slots are reset in place (--reset-slots-in-place): faster, but a page the kernel is moving during a reset keeps the last run's data for the next run"
             ),
-            pool::SlotReset::SwapActive => tracing::info!(
-                "pool slots are reset with madvise, which is slower: a swap area is active, and the in-place reset would miss swapped-out pages"
+            pool::SlotReset::NoPagemapScan => tracing::warn!(
+                "--reset-slots-in-place is ignored: this kernel lacks PAGEMAP_SCAN (Linux 6.7); slots are reset with madvise"
+            ),
+            pool::SlotReset::SwapActive => tracing::warn!(
+                "--reset-slots-in-place is ignored: a swap area is active, and the in-place reset would miss swapped-out pages; slots are reset with madvise"
             ),
         }
         config.allocation_strategy(pool::strategy(

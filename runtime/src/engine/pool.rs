@@ -19,10 +19,12 @@
 //! [`TABLE_KEEP_RESIDENT`] per table, in at most 32 separate ranges, and
 //! resets the rest with `madvise`.
 //!
-//! wasmtime 48's scan looks only at pages in RAM, so a written page that was
-//! swapped out would be neither restored nor reset, and the next run in the
-//! slot could read it. Apex therefore resets in place only when no swap area
-//! is active at startup.
+//! wasmtime 48's scan looks only at pages mapped at that moment. A written
+//! page that is swapped out, or that the kernel is moving (compaction), is
+//! neither restored nor reset, and the next run in the slot could read it.
+//! Apex therefore resets in place only when the operator asks for it
+//! (`apex serve --reset-slots-in-place`), and not while a swap area is active
+//! at startup. The default is `madvise`.
 
 use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -48,6 +50,8 @@ pub const TABLE_KEEP_RESIDENT: usize = 256 << 10;
 /// Method of resetting pool slots between runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotReset {
+    /// `madvise`, the default.
+    Madvise,
     /// Written pages are restored in place and stay mapped.
     InPlace,
     /// `madvise`, because the kernel lacks `PAGEMAP_SCAN`.
@@ -57,9 +61,11 @@ pub enum SlotReset {
 }
 
 impl SlotReset {
-    /// Returns how this host can reset slots.
-    pub fn detect() -> SlotReset {
-        if !pagemap_scan_supported() {
+    /// Returns the method for this host, in place only when `requested`.
+    pub fn detect(requested: bool) -> SlotReset {
+        if !requested {
+            SlotReset::Madvise
+        } else if !pagemap_scan_supported() {
             SlotReset::NoPagemapScan
         } else if swap_active() {
             SlotReset::SwapActive

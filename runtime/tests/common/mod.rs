@@ -197,6 +197,15 @@ impl TestServer {
         TestServer::start_wrapped(setup, Vec::new(), |_| {})
     }
 
+    /// Starts a server with `setup` and the extra `apex serve` arguments `args`.
+    pub fn start_with_args(setup: Setup, args: &[&str]) -> TestServer {
+        let mut server = TestServer::start_with(setup);
+        server.extra_args = args.iter().map(|arg| arg.to_string()).collect();
+        server.kill();
+        server.spawn();
+        server
+    }
+
     /// Starts a server with `setup` by the command line `wrapper`, which
     /// ends with the path of an `apex` binary (such as `setpriv ... apex`),
     /// after `prepare` has run on the server's directory.
