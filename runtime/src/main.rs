@@ -50,7 +50,7 @@ enum Command {
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
         /// Reset pool slots by restoring only the pages a run wrote (Linux 6.7
-        /// or later, no swap). Runs start about three times faster, but a page
+        /// or later, no swap). Runs start about twice as fast, but a page
         /// the kernel is moving at that moment keeps its data for the next run.
         #[arg(long)]
         reset_slots_in_place: bool,
