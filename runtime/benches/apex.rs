@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use apex::engine::{Engine, EngineSettings, RunRequest, RunStatus};
 use apex::grants::Grants;
-use apex::history::{History, RunRecord, new_run_id, now_ms};
+use apex::history::{History, RunRecord};
 use apex::policy::{Policy, ProtectedPaths};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -381,27 +381,15 @@ async fn history_writes() -> (Stats, f64) {
 
 /// Returns the queued and the finished record of a run of `hello`.
 fn run_records() -> (RunRecord, RunRecord) {
-    let now = now_ms();
-    let queued = RunRecord {
-        id: new_run_id(),
-        plugin: "hello".into(),
-        sha256: "4db5d485842aa80ec350286f815acbad51b43588116ae943a0cdd924ed7ccb5c".into(),
-        key_id: "default".into(),
-        queued_at_ms: now,
-        started_at_ms: Some(now),
-        finished_at_ms: None,
-        status: "running".into(),
-        exit_code: None,
-        duration_ms: None,
-        input: Some(r#"{"name":"Ada"}"#.into()),
-        output: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        error: None,
-        decisions: serde_json::Value::Array(Vec::new()),
-    };
+    let mut queued = RunRecord::queued(
+        "hello",
+        "4db5d485842aa80ec350286f815acbad51b43588116ae943a0cdd924ed7ccb5c",
+        "default",
+        Some(r#"{"name":"Ada"}"#.into()),
+    );
+    let now = queued.queued_at_ms;
+    queued.started_at_ms = Some(now);
+    queued.status = "running".into();
     let mut finished = queued.clone();
     finished.status = "succeeded".into();
     finished.finished_at_ms = Some(now);

@@ -185,15 +185,7 @@ fn send_until_closed(addr: &str, request: &Request) {
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
         return;
     };
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nHost: {addr}\r\n",
-        request.method, request.target
-    );
-    for (name, value) in &request.headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
-    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(common::request_head(addr, request).as_bytes());
     let _ = stream.write_all(&request.body);
     let _ = stream.read_to_end(&mut Vec::new());
 }
@@ -223,13 +215,10 @@ fn background_run_survives_client_hang_up() {
     // Each client hangs up a little later, some before their 202.
     for attempt in 0..200u64 {
         let request = Request::new("POST", "/v1/plugins/hello/run", body.clone()).signed();
-        let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\n", request.target);
-        for (name, value) in &request.headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
         let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
-        stream.write_all(head.as_bytes()).unwrap();
+        stream
+            .write_all(common::request_head(&server.addr, &request).as_bytes())
+            .unwrap();
         stream.write_all(&request.body).unwrap();
         std::thread::sleep(Duration::from_micros(attempt * 20));
         drop(stream);

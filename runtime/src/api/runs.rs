@@ -18,7 +18,7 @@ use super::auth::Caller;
 use super::slots::{RETRY_AFTER_SECONDS, Ticket};
 use super::{ApiError, AppState, check_name};
 use crate::engine::{PluginKind, RunOutcome, RunRequest, RunStatus};
-use crate::history::{AuditQuery, RunQuery, RunRecord, new_run_id, now_ms};
+use crate::history::{AuditQuery, RunQuery, RunRecord, now_ms};
 use crate::registry::LoadedPlugin;
 
 /// Every status a run can have.
@@ -139,30 +139,11 @@ pub(super) async fn run_plugin(
     };
 
     let input = request.input.as_ref().map(Value::to_string);
-    let record = RunRecord {
-        id: new_run_id(),
-        plugin: name.clone(),
-        sha256: plugin.record.sha256.clone(),
-        key_id: caller.key.id.clone(),
-        queued_at_ms: now_ms(),
-        started_at_ms: None,
-        finished_at_ms: None,
-        status: "queued".into(),
-        exit_code: None,
-        duration_ms: None,
-        input: input
-            .as_deref()
-            .map(|text| crate::truncate_text(text, MAX_RECORDED_INPUT)),
-        output: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        error: None,
-        decisions: Value::Array(Vec::new()),
-    };
+    let recorded_input = input
+        .as_deref()
+        .map(|text| crate::truncate_text(text, MAX_RECORDED_INPUT));
+    let mut record = RunRecord::queued(&name, &plugin.record.sha256, &caller.key.id, recorded_input);
     // A run with a free slot is recorded as running, saving a write.
-    let mut record = record;
     if ticket.has_slot() {
         record.status = "running".into();
         record.started_at_ms = Some(record.queued_at_ms);

@@ -91,6 +91,32 @@ pub struct RunRecord {
     pub decisions: Value,
 }
 
+impl RunRecord {
+    /// Returns the record of a run queued now, with a new id.
+    pub fn queued(plugin: &str, sha256: &str, key_id: &str, input: Option<String>) -> RunRecord {
+        RunRecord {
+            id: new_run_id(),
+            plugin: plugin.to_owned(),
+            sha256: sha256.to_owned(),
+            key_id: key_id.to_owned(),
+            queued_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            status: "queued".into(),
+            exit_code: None,
+            duration_ms: None,
+            input,
+            output: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            error: None,
+            decisions: Value::Array(Vec::new()),
+        }
+    }
+}
+
 /// One audit event.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct AuditEvent {
@@ -417,26 +443,7 @@ mod tests {
     use super::*;
 
     fn queued_record() -> RunRecord {
-        RunRecord {
-            id: new_run_id(),
-            plugin: "hello".into(),
-            sha256: "00".repeat(32),
-            key_id: "default".into(),
-            queued_at_ms: now_ms(),
-            started_at_ms: None,
-            finished_at_ms: None,
-            status: "queued".into(),
-            exit_code: None,
-            duration_ms: None,
-            input: Some("{}".into()),
-            output: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            error: None,
-            decisions: Value::Array(Vec::new()),
-        }
+        RunRecord::queued("hello", &"00".repeat(32), "default", Some("{}".into()))
     }
 
     fn runtime() -> tokio::runtime::Runtime {

@@ -178,7 +178,7 @@ fn apply(db: &Connection, change: &Change) -> rusqlite::Result<()> {
 mod tests {
     use rusqlite::Connection;
 
-    use super::super::{RunRecord, SCHEMA, new_run_id, now_ms};
+    use super::super::{RunRecord, SCHEMA, now_ms};
     use super::{Change, Job, commit};
 
     fn job(change: Change) -> Job {
@@ -189,26 +189,7 @@ mod tests {
     fn finished_record_supersedes_earlier_changes_in_batch() {
         let mut connection = Connection::open_in_memory().unwrap();
         connection.execute_batch(SCHEMA).unwrap();
-        let queued = RunRecord {
-            id: new_run_id(),
-            plugin: "hello".into(),
-            sha256: "00".repeat(32),
-            key_id: "default".into(),
-            queued_at_ms: now_ms(),
-            started_at_ms: None,
-            finished_at_ms: None,
-            status: "queued".into(),
-            exit_code: None,
-            duration_ms: None,
-            input: None,
-            output: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            error: None,
-            decisions: serde_json::Value::Array(Vec::new()),
-        };
+        let queued = RunRecord::queued("hello", &"00".repeat(32), "default", None);
         let mut finished = queued.clone();
         finished.status = "succeeded".into();
 

@@ -473,6 +473,18 @@ pub fn send_raw_from(from: &str, addr: &str, request: &Request) -> Response {
 
 /// Writes `request` to `stream` and reads the response until the server closes it.
 pub fn exchange<S: Read + Write>(mut stream: S, addr: &str, request: &Request) -> Response {
+    stream.write_all(request_head(addr, request).as_bytes()).unwrap();
+    // The server may respond (413, 401) and close before the whole body is sent.
+    let _ = stream.write_all(&request.body);
+
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+/// Returns the HTTP/1.1 head of `request` to `addr`, which asks the server to
+/// close the connection after its response.
+pub fn request_head(addr: &str, request: &Request) -> String {
     let mut head = format!(
         "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
         request.method, request.target
@@ -481,13 +493,7 @@ pub fn exchange<S: Read + Write>(mut stream: S, addr: &str, request: &Request) -
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n", request.body.len()));
-    stream.write_all(head.as_bytes()).unwrap();
-    // The server may respond (413, 401) and close before the whole body is sent.
-    let _ = stream.write_all(&request.body);
-
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    parse_response(&raw)
+    head
 }
 
 fn parse_response(raw: &[u8]) -> Response {
