@@ -107,7 +107,9 @@ pub fn strategy(runs: u32, memory_bytes: usize, reset: SlotReset) -> InstanceAll
         // Without `PAGEMAP_SCAN`, wasmtime clears the whole range kept
         // resident, touched or not. That pays off for the first part of
         // tables, not for linear memories, whose touched pages are spread out.
-        pool.table_keep_resident(TABLE_CLEARED_IN_PLACE);
+        // The scan stays off explicitly, so a later default cannot turn it on.
+        pool.pagemap_scan(Enabled::No)
+            .table_keep_resident(TABLE_CLEARED_IN_PLACE);
     }
     InstanceAllocationStrategy::Pooling(pool)
 }
