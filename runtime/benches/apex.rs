@@ -61,13 +61,13 @@ fn stats(mut samples: Vec<Duration>) -> Stats {
 }
 
 /// Returns `None` when `value` is at most `limit`, else how far over it is.
-fn over(value: f64, limit: f64, what: &str) -> Option<String> {
-    (value > limit).then(|| format!("{what} {:.0} % over", (value / limit - 1.0) * 100.0))
+fn over(value: f64, limit: f64, label: &str) -> Option<String> {
+    (value > limit).then(|| format!("{label} {:.0} % over", (value / limit - 1.0) * 100.0))
 }
 
 /// Returns `None` when `value` is at least `limit`, else how far under it is.
-fn under(value: f64, limit: f64, what: &str) -> Option<String> {
-    (value < limit).then(|| format!("{what} {:.0} % under", (1.0 - value / limit) * 100.0))
+fn under(value: f64, limit: f64, label: &str) -> Option<String> {
+    (value < limit).then(|| format!("{label} {:.0} % under", (1.0 - value / limit) * 100.0))
 }
 
 /// Returns `target` followed by whether it was met, and by how much it was
@@ -222,20 +222,20 @@ fn main() {
         &["--reset-slots-in-place"],
     );
     server.upload("hello", &plugin("hello"));
-    let one = runtime.block_on(http_load(&server.addr, 1, Duration::from_secs(5)));
-    let many = runtime.block_on(http_load(&server.addr, 32, Duration::from_secs(5)));
+    let single = runtime.block_on(http_load(&server.addr, 1, Duration::from_secs(5)));
+    let parallel = runtime.block_on(http_load(&server.addr, 32, Duration::from_secs(5)));
     rows.push(row(
         "signed HTTP runs, slots reset in place (`--reset-slots-in-place`)",
         format!(
             "1 connection: p50 {:.0} µs, p99 {:.0} µs; 32 connections: {:.0} runs/s, p99 {:.0} µs",
-            one.latency.median, one.latency.p99, many.rate, many.latency.p99
+            single.latency.median, single.latency.p99, parallel.rate, parallel.latency.p99
         ),
         judged(
             "the same targets",
             &[
-                over(one.latency.median, 200.0, "p50"),
-                under(many.rate, 10_000.0, "rate"),
-                over(many.latency.p99, 10_000.0, "p99"),
+                over(single.latency.median, 200.0, "p50"),
+                under(parallel.rate, 10_000.0, "rate"),
+                over(parallel.latency.p99, 10_000.0, "p99"),
             ],
         ),
     ));
@@ -673,8 +673,8 @@ fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
 
 /// Returns user plus system time from the text of a `/proc` `stat` file.
 fn cpu_ticks(stat: &str) -> u64 {
-    // The fields after the command name, which is in parentheses; utime and
-    // stime are fields 14 and 15 of the whole line.
+    // The fields after the command name, which is in parentheses. utime and
+    // stime are fields 14 and 15 of the whole line, 12 and 13 of these.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()

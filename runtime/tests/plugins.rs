@@ -639,7 +639,7 @@ fn run_body_must_be_an_object() {
 }
 
 #[test]
-fn busy_or_invalid_listen_address_refused() {
+fn busy_or_invalid_listen_address_rejected() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = busy.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();

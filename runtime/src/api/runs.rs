@@ -184,7 +184,7 @@ pub(super) async fn run_plugin(
             )
                 .into_response()),
             Ok(Err(e)) => {
-                tracing::error!(run_id = %id, error = %e, "cannot record a background run; rejecting it");
+                tracing::error!(run_id = %id, error = %e, "cannot record a background run, so it is rejected");
                 Err(history_unavailable())
             }
             Err(_) => Err(history_unavailable()),

@@ -279,7 +279,7 @@ impl History {
 
     /// Waits until every change sent so far is committed.
     pub async fn flush(&self) {
-        // A failed commit is logged by the writer; reads go on with what is stored.
+        // The writer logs a failed commit, and reads go on with what is stored.
         let _ = self.send_committed(Change::Barrier).await;
     }
 

@@ -482,8 +482,7 @@ pub fn exchange<S: Read + Write>(mut stream: S, addr: &str, request: &Request) -
     parse_response(&raw)
 }
 
-/// Returns the HTTP/1.1 head of `request` to `addr`, which asks the server to
-/// close the connection after its response.
+/// Returns the HTTP/1.1 head of `request` to `addr`, with `Connection: close`.
 pub fn request_head(addr: &str, request: &Request) -> String {
     let mut head = format!(
         "{} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
