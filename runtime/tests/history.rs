@@ -240,6 +240,34 @@ fn background_run_survives_client_hang_up() {
 }
 
 #[test]
+fn waiting_run_survives_client_hang_up() {
+    let server = TestServer::start();
+    server.upload_plugin("probe");
+    let body = json!({ "input": { "op": "sleep", "ms": 300 } }).to_string();
+    let request = Request::new("POST", "/v1/plugins/probe/run", body).signed();
+
+    // The client hangs up while its run sleeps. The run is listed as running
+    // once it has run for a few milliseconds, and must then end as usual.
+    let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+    stream
+        .write_all(common::request_head(&server.addr, &request).as_bytes())
+        .unwrap();
+    stream.write_all(&request.body).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(stream);
+
+    let page = server
+        .send(&Request::new("GET", "/v1/runs?plugin=probe", "").signed())
+        .json();
+    let runs = page["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{page}");
+    assert_eq!(runs[0]["status"], "running", "{page}");
+    let id = runs[0]["run_id"].as_str().unwrap();
+    let run = wait_for(&server, id, &["succeeded"], Duration::from_secs(10));
+    assert_eq!(run["status"], "succeeded", "{run}");
+}
+
+#[test]
 fn failed_commit_reported_to_client() {
     let server = TestServer::start();
     server.upload_plugin("hello");

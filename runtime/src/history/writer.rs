@@ -1,10 +1,12 @@
 //! The single writer of the history database.
 //!
-//! All changes go through one thread that owns the write connection. It
-//! takes every change waiting in its queue and commits them in one
-//! transaction, so many concurrent runs cost one `fsync`-free WAL commit
+//! Changes go through one thread that locks the write connection while it
+//! commits. It takes every change waiting in its queue and commits them in
+//! one transaction, so many concurrent runs cost one `fsync`-free WAL commit
 //! instead of one each. A change that must be durable before the caller goes
 //! on (a finished run) carries an acknowledgement that is sent after commit.
+//! When the writer is idle and has nothing queued, such a change is
+//! committed on the caller's thread instead (`History::commit_here`).
 //!
 //! A batch without an acknowledgement is held for up to [`GROUP_WINDOW`], so
 //! that it shares a commit with the changes that follow. A short run then
@@ -13,7 +15,8 @@
 //! unacknowledged changes.
 
 use std::collections::HashSet;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
@@ -56,13 +59,19 @@ pub struct Job {
 }
 
 /// Runs the writer loop until every sender is dropped.
-pub fn run(mut connection: Connection, jobs: mpsc::Receiver<Job>) {
+///
+/// `queued` counts the changes sent and not yet committed. The writer lowers
+/// it before it unlocks `connection`. So a thread that locks the connection
+/// and reads zero sees every change sent before it committed.
+pub fn run(connection: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Job>, queued: Arc<AtomicUsize>) {
     while let Ok(first) = jobs.recv() {
         let batch = collect_batch(first, &jobs);
-        let result = commit(&mut connection, &batch).map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, changes = batch.len(), "cannot write run history");
-        }
+        let result = {
+            let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+            let result = commit_logged(&mut connection, &batch);
+            queued.fetch_sub(batch.len(), Ordering::Release);
+            result
+        };
         for job in batch {
             if let Some(done) = job.done {
                 let _ = done.send(result.clone());
@@ -94,6 +103,14 @@ fn collect_batch(first: Job, jobs: &mpsc::Receiver<Job>) -> Vec<Job> {
         batch.push(job);
     }
     batch
+}
+
+/// Commits `batch` in one transaction, logging a failure.
+pub fn commit_logged(connection: &mut Connection, batch: &[Job]) -> Result<(), String> {
+    commit(connection, batch).map_err(|e| {
+        tracing::error!(error = %e, changes = batch.len(), "cannot write run history");
+        e.to_string()
+    })
 }
 
 fn commit(connection: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
