@@ -487,6 +487,14 @@ fn invalid_network_policy_rejected() {
         ),
         ("network: {http_allow_domains: [\"*.com\"]}\n", "top-level domain"),
         (
+            "network: {http_allow_domains: [\"api.test\", \"*.co.uk\"]}\n",
+            "network.http_allow_domains[1]",
+        ),
+        (
+            "network: {http_allow_domains: [\"*.github.io\"]}\n",
+            "a public suffix",
+        ),
+        (
             "network: {http_allow_domains: [\"host:99999\"]}\n",
             "invalid port",
         ),

@@ -3,7 +3,7 @@
 //!
 //! An entry of `network.http_allow_domains` is a host name
 //! (`api.github.com`), a wildcard for subdomains only
-//! (`*.githubusercontent.com`), or an IP literal (`127.0.0.1`, `[::1]`), each
+//! (`*.git.example.com`) that does not cover a whole public suffix, or an IP literal (`127.0.0.1`, `[::1]`), each
 //! optionally with a port (`localhost:8443`). Without a port an entry allows
 //! the default port of the request's scheme. Names are compared in lower case,
 //! without one trailing dot, and in their ASCII (punycode) form.
@@ -158,6 +158,17 @@ impl HostRule {
             if !suffix.contains('.') {
                 return Err(format!(
                     "`*.{suffix}` would allow a whole top-level domain; name a registered domain"
+                ));
+            }
+            // Names under a public suffix such as `co.uk` or `github.io`
+            // belong to different owners, so a wildcard over one allows hosts
+            // the operator did not choose.
+            if psl::suffix(suffix.as_bytes())
+                .is_some_and(|public| public.is_known() && public == suffix.as_str())
+            {
+                return Err(format!(
+                    "`*.{suffix}` would allow every host under `{suffix}`, a public suffix whose names \
+                     belong to different owners; list the hosts you need, such as `name.{suffix}`"
                 ));
             }
             return Ok(HostRule {
@@ -323,12 +334,40 @@ mod tests {
 
     #[test]
     fn wildcard_matches_subdomains_only() {
-        let rule = HostRule::parse("*.githubusercontent.com").unwrap();
-        assert!(rule.allows(&name("raw.githubusercontent.com"), 443, 443));
-        assert!(rule.allows(&name("a.b.githubusercontent.com"), 443, 443));
-        assert!(!rule.allows(&name("githubusercontent.com"), 443, 443));
-        assert!(!rule.allows(&name("evilgithubusercontent.com"), 443, 443));
-        assert!(!rule.allows(&name("githubusercontent.com.evil.com"), 443, 443));
+        let rule = HostRule::parse("*.git.example.com").unwrap();
+        assert!(rule.allows(&name("eu.git.example.com"), 443, 443));
+        assert!(rule.allows(&name("a.b.git.example.com"), 443, 443));
+        assert!(!rule.allows(&name("git.example.com"), 443, 443));
+        assert!(!rule.allows(&name("evilgit.example.com"), 443, 443));
+        assert!(!rule.allows(&name("git.example.com.evil.com"), 443, 443));
+    }
+
+    #[test]
+    fn wildcard_under_public_suffix_rejected() {
+        // Whole public suffixes, in any spelling, and listed ones that a
+        // two-label check would let through.
+        for entry in [
+            "*.co.uk",
+            "*.CO.UK.",
+            "*.github.io",
+            "*.githubusercontent.com",
+            "*.s3.amazonaws.com",
+            "*.xn--55qx5d.cn",
+            "*.公司.cn",
+        ] {
+            let error = HostRule::parse(entry).unwrap_err();
+            assert!(error.contains("public suffix"), "{entry:?}: {error}");
+        }
+        // One owner's domain under a public suffix, and exact names.
+        for entry in [
+            "*.example.co.uk",
+            "*.docs.github.io",
+            "*.internal.test",
+            "github.io",
+            "raw.githubusercontent.com",
+        ] {
+            assert!(HostRule::parse(entry).is_ok(), "{entry:?}");
+        }
     }
 
     #[test]
