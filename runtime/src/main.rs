@@ -310,16 +310,22 @@ fn print_formatted(
     Ok(ExitCode::SUCCESS)
 }
 
-fn shared_key() -> String {
-    std::env::var("APEX_SHARED_KEY").unwrap_or_default()
+/// Returns the client setting `name`: from the environment, else from
+/// `.env` in the working directory, as the server reads its key.
+fn setting(name: &str) -> anyhow::Result<Option<String>> {
+    if let Ok(value) = std::env::var(name) {
+        return Ok(Some(value));
+    }
+    Ok(apex::server::read_dotenv()?.remove(name))
 }
 
 fn client() -> anyhow::Result<Client> {
-    let url = std::env::var("APEX_URL").unwrap_or_else(|_| DEFAULT_URL.to_string());
-    let client = Client::new(&url, &shared_key())?;
-    match std::env::var("APEX_KEY_ID") {
-        Ok(id) => client.with_key_id(&id),
-        Err(_) => Ok(client),
+    let url = setting("APEX_URL")?.unwrap_or_else(|| DEFAULT_URL.to_string());
+    let key = setting("APEX_SHARED_KEY")?.unwrap_or_default();
+    let client = Client::new(&url, &key)?;
+    match setting("APEX_KEY_ID")? {
+        Some(id) => client.with_key_id(&id),
+        None => Ok(client),
     }
 }
 
@@ -413,7 +419,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             body_file,
             body,
         } => {
-            let key = shared_key();
+            let key = setting("APEX_SHARED_KEY")?.unwrap_or_default();
             apex::server::check_key(&key)?;
             if !target.starts_with('/') {
                 anyhow::bail!(
@@ -432,7 +438,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 "X-TS: {}\nX-Nonce: {}\nX-SIG: {}\n",
                 headers.ts, headers.nonce, headers.signature
             );
-            if let Ok(id) = std::env::var("APEX_KEY_ID") {
+            if let Some(id) = setting("APEX_KEY_ID")? {
                 if !apex::keys::is_valid_key_id(&id) {
                     anyhow::bail!(
                         "invalid APEX_KEY_ID {id:?}: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`"

@@ -325,3 +325,52 @@ fn sign_command_names_key_from_environment() {
     assert_eq!(request.get_header("X-Key-Id"), "reader");
     assert_eq!(server.send(&request).status, 200);
 }
+
+#[test]
+fn client_reads_settings_from_dotenv() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = start();
+    let dir = tempfile::tempdir().unwrap();
+    let dotenv = dir.path().join(".env");
+    std::fs::write(
+        &dotenv,
+        format!(
+            "APEX_URL=http://{}\nAPEX_SHARED_KEY={READER}\nAPEX_KEY_ID=reader\n",
+            server.addr
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&dotenv, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let plugins = |env: &[(&str, &str)]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+            .arg("plugins")
+            .current_dir(dir.path())
+            .env_remove("APEX_URL")
+            .env_remove("APEX_SHARED_KEY")
+            .env_remove("APEX_KEY_ID")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+
+    let output = plugins(&[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("hello"), "{stdout}");
+
+    // The environment wins over .env: this key is not the reader's.
+    let output = plugins(&[("APEX_SHARED_KEY", NEW)]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
+
+    // A .env that others can read is not used.
+    std::fs::set_permissions(&dotenv, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = plugins(&[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(".env is readable by group or others"), "{stderr}");
+}
