@@ -253,10 +253,7 @@ impl Engine {
         config.epoch_interruption(true);
         let reset = pool::SlotReset::detect(settings.reset_in_place);
         match reset {
-            pool::SlotReset::Madvise => {}
-            pool::SlotReset::InPlace => tracing::warn!(
-                "pool slots are reset in place (--reset-slots-in-place): faster, but a page the kernel is moving during a reset keeps the last run's data for the next run"
-            ),
+            pool::SlotReset::Madvise | pool::SlotReset::InPlace => {}
             pool::SlotReset::NoPagemapScan => tracing::warn!(
                 "--reset-slots-in-place is ignored: this kernel lacks PAGEMAP_SCAN (Linux 6.7); slots are reset with madvise"
             ),
@@ -270,7 +267,29 @@ impl Engine {
             reset,
         ));
 
-        let engine = wasmtime::Engine::new(&config)?;
+        let engine = match wasmtime::Engine::new(&config) {
+            Ok(engine) => {
+                if reset == pool::SlotReset::InPlace {
+                    tracing::warn!(
+                        "pool slots are reset in place (--reset-slots-in-place): faster, but a page the kernel is moving during a reset keeps the last run's data for the next run"
+                    );
+                }
+                engine
+            }
+            Err(e) if reset == pool::SlotReset::InPlace => {
+                tracing::warn!(
+                    error = %e,
+                    "--reset-slots-in-place is ignored: PAGEMAP_SCAN is not usable here, perhaps blocked by a seccomp filter; slots are reset with madvise"
+                );
+                config.allocation_strategy(pool::strategy(
+                    settings.max_concurrent_runs,
+                    settings.memory_bytes,
+                    pool::SlotReset::Madvise,
+                ));
+                wasmtime::Engine::new(&config)?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         files::wrap_open_at(&mut linker)?;

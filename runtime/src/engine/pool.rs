@@ -100,7 +100,10 @@ pub fn strategy(runs: u32, memory_bytes: usize, reset: SlotReset) -> InstanceAll
         .table_elements(TABLE_ELEMENTS)
         .max_memory_size(memory_bytes);
     if reset == SlotReset::InPlace {
-        pool.pagemap_scan(Enabled::Auto)
+        // Required rather than automatic: where the probe fails, as under a
+        // seccomp filter, creating the engine fails and the caller falls
+        // back to `madvise`, instead of clearing the whole ranges kept resident.
+        pool.pagemap_scan(Enabled::Yes)
             .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
             .table_keep_resident(TABLE_KEEP_RESIDENT);
     } else {
