@@ -475,6 +475,51 @@ fn component_larger_than_run_budget_rejected_at_upload() {
 }
 
 #[test]
+fn fifo_and_socket_files_not_opened() {
+    let server = server_with_probe();
+    let work = server.work();
+    let status = std::process::Command::new("mkfifo")
+        .arg(work.join("pipe"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _socket = std::os::unix::net::UnixListener::bind(work.join("socket")).unwrap();
+    std::os::unix::fs::symlink("pipe", work.join("link-to-pipe")).unwrap();
+
+    // Opening a FIFO waits for its other end, so it must fail at once instead,
+    // for reading and for writing, also through a symlink.
+    let cases = [
+        (json!({ "op": "read", "path": work.join("pipe") }), "FIFO"),
+        (
+            json!({ "op": "write", "path": work.join("pipe"), "text": "x" }),
+            "FIFO",
+        ),
+        (json!({ "op": "read", "path": work.join("link-to-pipe") }), "FIFO"),
+        (json!({ "op": "read", "path": work.join("socket") }), "socket"),
+    ];
+    for (input, kind) in cases {
+        let started = Instant::now();
+        let result = probe(&server, input.clone());
+        assert_denied(&result, &input.to_string());
+        assert!(started.elapsed() < Duration::from_secs(3), "{input}: {result}");
+        let denial = result["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["capability"] == "file" && d["allowed"] == false)
+            .cloned()
+            .unwrap_or_else(|| panic!("no file denial for {input}: {result}"));
+        assert!(denial["reason"].as_str().unwrap().contains(kind), "{denial}");
+    }
+    let audit = server.audit();
+    let denials = audit
+        .iter()
+        .filter(|e| e["kind"] == "policy_denial" && e["capability"] == "file")
+        .count();
+    assert_eq!(denials, 4, "{audit:?}");
+}
+
+#[test]
 fn file_denials_recorded_and_audited() {
     let server = server_with_probe();
     let work = server.work();

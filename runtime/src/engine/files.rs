@@ -7,11 +7,16 @@
 //! stock implementation. When the task tried to leave its preopened
 //! directories (through `..`, an absolute path or a symlink pointing out) or
 //! to write where it may only read, the wrapper records a denial.
+//!
+//! `open-at` also refuses FIFOs, sockets and devices. Opening a FIFO waits
+//! for its other end, on a thread of the runtime's blocking pool that the
+//! run's deadline cannot free, so a task could exhaust that pool.
 
 use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::filesystem::WasiFilesystemView;
 use wasmtime_wasi::p2::bindings::filesystem::types::{
-    Descriptor, DescriptorFlags, DescriptorStat, ErrorCode, HostDescriptor, OpenFlags, PathFlags,
+    Descriptor, DescriptorFlags, DescriptorStat, DescriptorType, ErrorCode, HostDescriptor, OpenFlags,
+    PathFlags,
 };
 
 use super::RunState;
@@ -65,6 +70,28 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
         )| {
             Box::new(async move {
                 let state = store.data_mut();
+                // Checked before the open, which would already wait. The type
+                // of a path that does not exist yet is left to the open.
+                // NOTE: a FIFO renamed onto the path between this check and
+                // the open still blocks. Tasks cannot create FIFOs, but shell
+                // children in the same directory can.
+                let target = HostDescriptor::stat_at(
+                    &mut state.filesystem(),
+                    Resource::new_borrow(fd.rep()),
+                    path_flags,
+                    path.clone(),
+                )
+                .await;
+                if let Ok(stat) = target
+                    && let Some(kind) = special_file(stat.type_)
+                {
+                    record(
+                        state,
+                        &path,
+                        format!("{kind}: only regular files and directories may be opened"),
+                    );
+                    return Ok((Err(ErrorCode::Access),));
+                }
                 let result = HostDescriptor::open_at(
                     &mut state.filesystem(),
                     fd,
@@ -110,11 +137,25 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// Returns what a file of type `kind` is when a task may not open it.
+fn special_file(kind: DescriptorType) -> Option<&'static str> {
+    match kind {
+        // wasmtime-wasi reports FIFOs and sockets on Unix as `Unknown`.
+        DescriptorType::Fifo | DescriptorType::Socket | DescriptorType::Unknown => Some("a FIFO or socket"),
+        DescriptorType::CharacterDevice | DescriptorType::BlockDevice => Some("a device"),
+        DescriptorType::Directory | DescriptorType::RegularFile | DescriptorType::SymbolicLink => None,
+    }
+}
+
 /// Records a denial in the run when `code` is one, and logs the recorded ones.
 fn record_denial(state: &mut RunState, code: ErrorCode, path: &str, writes: bool) {
-    let Some(reason) = denial_reason(code, path, writes) else {
-        return;
-    };
+    if let Some(reason) = denial_reason(code, path, writes) {
+        record(state, path, reason);
+    }
+}
+
+/// Records a file denial in the run, and logs it once.
+fn record(state: &mut RunState, path: &str, reason: String) {
     let recorded = state.decisions.push(Decision {
         capability: "file",
         target: crate::truncate_text(path, 300),
