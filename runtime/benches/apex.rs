@@ -347,9 +347,6 @@ async fn bare_runs(wasm: &[u8], input: &str) -> Stats {
     stats(bare_samples)
 }
 
-/// Records runs in a fresh history database, as the server does for each run
-/// (queued, then finished and committed): one at a time, and from 32 tasks at
-/// once. Returns the latency of one run's records and the runs recorded per
 /// Figures of recording runs in the history, in process.
 struct HistoryWrites {
     /// Latency of recording one finished run, until committed.

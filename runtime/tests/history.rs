@@ -239,32 +239,61 @@ fn background_run_survives_client_hang_up() {
     }
 }
 
-#[test]
-fn waiting_run_survives_client_hang_up() {
-    let server = TestServer::start();
-    server.upload_plugin("probe");
-    let body = json!({ "input": { "op": "sleep", "ms": 300 } }).to_string();
+/// Sends a waiting run of `probe` with `input`, hangs up once the run is
+/// listed as running, and returns its id.
+fn hang_up_while_running(server: &TestServer, input: Value) -> String {
+    let body = json!({ "input": input }).to_string();
     let request = Request::new("POST", "/v1/plugins/probe/run", body).signed();
-
-    // The client hangs up while its run sleeps. The run is listed as running
-    // once it has run for a few milliseconds, and must then end as usual.
     let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
     stream
         .write_all(common::request_head(&server.addr, &request).as_bytes())
         .unwrap();
     stream.write_all(&request.body).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    drop(stream);
 
-    let page = server
-        .send(&Request::new("GET", "/v1/runs?plugin=probe", "").signed())
-        .json();
-    let runs = page["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 1, "{page}");
-    assert_eq!(runs[0]["status"], "running", "{page}");
-    let id = runs[0]["run_id"].as_str().unwrap();
-    let run = wait_for(&server, id, &["succeeded"], Duration::from_secs(10));
+    // A waiting run is listed once it has run for a few milliseconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let page = server
+            .send(&Request::new("GET", "/v1/runs?plugin=probe&status=running", "").signed())
+            .json();
+        if let Some(run) = page["runs"].as_array().unwrap().first() {
+            break run["run_id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting run is not listed as running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stream);
+    id
+}
+
+#[test]
+fn waiting_run_survives_client_hang_up() {
+    let server = TestServer::start();
+    server.upload_plugin("probe");
+
+    let id = hang_up_while_running(&server, json!({ "op": "sleep", "ms": 1000 }));
+    let run = wait_for(&server, &id, &["succeeded"], Duration::from_secs(10));
     assert_eq!(run["status"], "succeeded", "{run}");
+}
+
+#[test]
+fn waiting_run_cancelled_after_client_hang_up() {
+    let server = TestServer::start();
+    server.upload_plugin("probe");
+
+    let id = hang_up_while_running(&server, json!({ "op": "loop" }));
+    let response = server.send(&Request::new("POST", &format!("/v1/runs/{id}/cancel"), "").signed());
+    assert_eq!(
+        response.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    let run = wait_for(&server, &id, &["cancelled"], Duration::from_secs(10));
+    assert_eq!(run["status"], "cancelled", "{run}");
 }
 
 #[test]

@@ -202,12 +202,27 @@ pub(super) async fn run_plugin(
         state.history.queue(record.clone());
     }
     // The run goes on if the client disconnects and this handler is dropped.
+    let mut failed = record.clone();
     let run = RunToEnd::new(
         execute(state.clone(), plugin, record, run, ticket, cancel, record_later).instrument(span),
     );
-    let (record, warning) = run
-        .await
-        .map_err(|panic| ApiError::internal("the run task failed", panic))?;
+    let (record, warning) = match run.await {
+        Ok(finished) => finished,
+        Err(panic) => {
+            // The slot was released when the run's future was dropped.
+            state.in_flight.take(&failed.id);
+            failed.status = "failed".into();
+            failed.finished_at_ms = Some(now_ms());
+            failed.error = Some("the server failed while running the task; see its log".into());
+            if let Err(e) = state.history.finish(failed).await {
+                tracing::error!(run_id = %id, error = %e, "cannot record a failed run");
+            }
+            return Err(ApiError::internal(
+                "the run task failed",
+                format!("run {id} panicked: {panic}"),
+            ));
+        }
+    };
     let mut body = run_json(&record);
     if let Some(warning) = warning {
         body["warning"] = json!(warning);
@@ -218,7 +233,7 @@ pub(super) async fn run_plugin(
 /// A future that is polled by the task that awaits it, and that goes on in a
 /// task of its own when dropped before it ends, as when the client of a waiting
 /// run disconnects. Unlike a spawned task, it costs no hand-over between
-/// tasks when nobody leaves. A panic inside ends it with an error, as it
+/// tasks while the client stays. A panic inside ends it with an error, as it
 /// would end a task.
 struct RunToEnd<F: Future + Send + 'static> {
     future: Option<Pin<Box<F>>>,
@@ -262,8 +277,10 @@ impl<F: Future + Send + 'static> Drop for RunToEnd<F> {
                     future.await;
                 });
             }
-            // Only while the runtime shuts down, when runs stop anyway.
-            Err(_) => tracing::warn!("a run was dropped while the server stopped"),
+            // No runtime is left to run it, so the run stops here, and the
+            // next start marks it interrupted. At shutdown, the runtime also
+            // drops the task spawned above, as it drops background runs.
+            Err(_) => tracing::warn!("a run stopped without a runtime to finish it"),
         }
     }
 }
@@ -584,4 +601,46 @@ pub(super) async fn list_audit(
         .await
         .map_err(history_error)?;
     Ok(Json(json!({ "events": events })))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::RunToEnd;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn dropped_run_goes_on_in_its_own_task() {
+        let finished = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = finished.clone();
+        runtime().block_on(async move {
+            let run = RunToEnd::new(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                flag.store(true, Ordering::SeqCst);
+            });
+            // The caller gives up after the run has started.
+            let _ = tokio::time::timeout(Duration::from_millis(10), run).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        assert!(finished.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn panic_in_run_becomes_error() {
+        let outcome = runtime().block_on(RunToEnd::new(async {
+            tokio::task::yield_now().await;
+            panic!("broken run");
+        }));
+        let error: Result<(), String> = outcome;
+        assert_eq!(error.unwrap_err(), "broken run");
+    }
 }

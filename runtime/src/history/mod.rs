@@ -171,7 +171,8 @@ pub enum HistoryError {
 /// The history database.
 pub struct History {
     jobs: Mutex<mpsc::Sender<Job>>,
-    /// The write connection, held by the writer thread while it commits.
+    /// The write connection, locked during each commit by the writer thread,
+    /// or by a caller when the writer is idle.
     writer: Arc<Mutex<Connection>>,
     /// Changes sent to the writer thread and not yet committed.
     queued: Arc<AtomicUsize>,
@@ -273,20 +274,22 @@ impl History {
         // `block_in_place` lets the runtime move its other tasks to another
         // thread during the commit, and needs the multi-thread runtime.
         let flavor = tokio::runtime::Handle::try_current().map(|runtime| runtime.runtime_flavor());
-        if !matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread))
-            || self.queued.load(Ordering::Acquire) != 0
-        {
+        if !matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
             return Err(change);
         }
-        let Ok(mut connection) = self.writer.try_lock() else {
-            return Err(change);
-        };
-        // The writer lowers the count before it unlocks the connection, so a
-        // change sent earlier, such as the run's queued record, cannot be
-        // committed after this one.
+        // The writer lowers the count only after it has committed the
+        // changes. So at zero, every change sent earlier, such as this run's
+        // queued record, is committed, and cannot overwrite this one later.
         if self.queued.load(Ordering::Acquire) != 0 {
             return Err(change);
         }
+        let mut connection = match self.writer.try_lock() {
+            Ok(connection) => connection,
+            // A panic during an earlier commit; the transaction was rolled
+            // back when it unwound, as the writer thread also assumes.
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(change),
+        };
         let batch = [Job { change, done: None }];
         Ok(tokio::task::block_in_place(|| {
             writer::commit_logged(&mut connection, &batch)
@@ -328,6 +331,10 @@ impl History {
 
     /// Waits until every change sent so far is committed.
     pub async fn flush(&self) {
+        // The writer lowers the count only after a commit.
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return;
+        }
         // The writer logs a failed commit, and reads go on with what is stored.
         let _ = self.send_committed(Change::Barrier).await;
     }

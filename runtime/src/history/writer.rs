@@ -61,8 +61,8 @@ pub struct Job {
 /// Runs the writer loop until every sender is dropped.
 ///
 /// `queued` counts the changes sent and not yet committed. The writer lowers
-/// it before it unlocks `connection`. So a thread that locks the connection
-/// and reads zero sees every change sent before it committed.
+/// it only after their commit, so a count of zero means that every change
+/// sent so far is committed.
 pub fn run(connection: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Job>, queued: Arc<AtomicUsize>) {
     while let Ok(first) = jobs.recv() {
         let batch = collect_batch(first, &jobs);
