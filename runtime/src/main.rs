@@ -311,10 +311,14 @@ fn print_formatted(
 }
 
 /// Returns the client setting `name`: from the environment, else from
-/// `.env` in the working directory, as the server reads its key.
+/// `.env` in the working directory, as the server reads its key. A key in
+/// the environment means that `.env` is not the client's, and it is not read.
 fn setting(name: &str) -> anyhow::Result<Option<String>> {
     if let Ok(value) = std::env::var(name) {
         return Ok(Some(value));
+    }
+    if std::env::var_os("APEX_SHARED_KEY").is_some() {
+        return Ok(None);
     }
     Ok(apex::server::read_dotenv()?.remove(name))
 }

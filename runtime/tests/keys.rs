@@ -362,8 +362,8 @@ fn client_reads_settings_from_dotenv() {
     );
     assert!(stdout.contains("hello"), "{stdout}");
 
-    // The environment wins over .env: this key is not the reader's.
-    let output = plugins(&[("APEX_SHARED_KEY", NEW)]);
+    // The environment wins over .env: this key id is not the reader's.
+    let output = plugins(&[("APEX_KEY_ID", "new")]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
 
@@ -373,4 +373,12 @@ fn client_reads_settings_from_dotenv() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(".env is readable by group or others"), "{stderr}");
+
+    // With the key in the environment, .env is not the client's: not read.
+    // Without a key id the request names `default`, which this server lacks.
+    let url = format!("http://{}", server.addr);
+    let output = plugins(&[("APEX_URL", &url), ("APEX_SHARED_KEY", READER)]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains(".env"), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
 }

@@ -72,9 +72,10 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                 let state = store.data_mut();
                 // Checked before the open, which would already wait. The type
                 // of a path that does not exist yet is left to the open.
-                // NOTE: a FIFO renamed onto the path between this check and
-                // the open still blocks. Tasks cannot create FIFOs, but shell
-                // children in the same directory can.
+                // NOTE: a FIFO that reaches the path between this check and
+                // the open still blocks it: renamed there by another run, or
+                // made there by a shell child. Closing that gap needs an open
+                // that does not wait, which wasmtime-wasi does not offer.
                 let target = HostDescriptor::stat_at(
                     &mut state.filesystem(),
                     Resource::new_borrow(fd.rep()),
