@@ -188,6 +188,31 @@ fn wildcard_matches_subdomains_only() {
 }
 
 #[test]
+fn wildcard_skips_hosts_under_public_suffix_below_it() {
+    let upstream = LocalServer::http();
+    let port = upstream.port;
+    // `s3.amazonaws.com` is a public suffix: its buckets belong to anyone.
+    let pins = "    bucket.s3.amazonaws.com: 127.0.0.1\n    sts.amazonaws.com: 127.0.0.1\n";
+    let server = apex(
+        &[format!("*.amazonaws.com:{port}")],
+        &format!("{pins}{}", allowed_private()),
+        "",
+    );
+
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://sts.amazonaws.com:{port}/") }),
+    );
+    assert_eq!(result["status"], "succeeded", "{result}");
+    let result = fetch(
+        &server,
+        json!({ "url": format!("http://bucket.s3.amazonaws.com:{port}/") }),
+    );
+    assert_denied(&server, &result, "under the public suffix s3.amazonaws.com");
+    assert_eq!(upstream.requests(), 1);
+}
+
+#[test]
 fn wrong_port_denied() {
     let upstream = LocalServer::http();
     let other = LocalServer::http();

@@ -168,9 +168,15 @@ impl Egress {
             .iter()
             .any(|rule| rule.allows(&host, port, default_port))
         {
+            let below = self.rules.iter().find_map(|rule| {
+                let suffix = rule.foreign_suffix(&host)?;
+                Some(format!(
+                    "{host} is under the public suffix {suffix}, so {rule} does not match it: names there belong to other owners"
+                ))
+            });
             return Err(Denial::new(
                 uri,
-                format!("{host}:{port} is not in network.http_allow_domains"),
+                below.unwrap_or_else(|| format!("{host}:{port} is not in network.http_allow_domains")),
             ));
         }
         Ok(Destination { host, port, tls })

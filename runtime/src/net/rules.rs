@@ -199,14 +199,41 @@ impl HostRule {
         }
         match (&self.host, host) {
             (HostPattern::Name(rule), RequestHost::Name(name)) => rule == name,
-            (HostPattern::Subdomains(suffix), RequestHost::Name(name)) => name
-                .strip_suffix(suffix.as_str())
-                .and_then(|prefix| prefix.strip_suffix('.'))
-                .is_some_and(|label| !label.is_empty()),
+            (HostPattern::Subdomains(suffix), RequestHost::Name(name)) => {
+                is_subdomain(name, suffix) && public_suffix_below(name, suffix).is_none()
+            }
             (HostPattern::Ip(rule), RequestHost::Ip(ip)) => rule == ip,
             _ => false,
         }
     }
+
+    /// Returns the public suffix that keeps this wildcard from matching
+    /// `host`, when the host is under the wildcard's domain but also under a
+    /// longer public suffix, as `bucket.s3.amazonaws.com` is under
+    /// `*.amazonaws.com` and `s3.amazonaws.com`.
+    pub fn foreign_suffix(&self, host: &RequestHost) -> Option<String> {
+        match (&self.host, host) {
+            (HostPattern::Subdomains(suffix), RequestHost::Name(name)) if is_subdomain(name, suffix) => {
+                public_suffix_below(name, suffix)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Returns whether `name` has at least one label in front of `suffix`.
+fn is_subdomain(name: &str, suffix: &str) -> bool {
+    name.strip_suffix(suffix)
+        .and_then(|prefix| prefix.strip_suffix('.'))
+        .is_some_and(|label| !label.is_empty())
+}
+
+/// Returns the public suffix of `name` when it is longer than `suffix`, the
+/// domain of a wildcard. Names under it belong to other owners than the
+/// wildcard's domain, though the wildcard would match them.
+fn public_suffix_below(name: &str, suffix: &str) -> Option<String> {
+    let public = psl::suffix(name.as_bytes())?;
+    (public.as_bytes().len() > suffix.len()).then(|| String::from_utf8_lossy(public.as_bytes()).into_owned())
 }
 
 /// Splits `host[:port]`, keeping IPv6 brackets on the host.
@@ -368,6 +395,25 @@ mod tests {
         ] {
             assert!(HostRule::parse(entry).is_ok(), "{entry:?}");
         }
+    }
+
+    #[test]
+    fn wildcard_skips_public_suffixes_below_it() {
+        let rule = HostRule::parse("*.amazonaws.com").unwrap();
+        // `s3.amazonaws.com` and `us-east-1.compute.amazonaws.com` are
+        // public suffixes: buckets and machines of other customers.
+        for host in [
+            "bucket.s3.amazonaws.com",
+            "ec2-1-2-3-4.us-east-1.compute.amazonaws.com",
+        ] {
+            assert!(!rule.allows(&name(host), 443, 443), "{host}");
+            assert!(rule.foreign_suffix(&name(host)).is_some(), "{host}");
+        }
+        assert!(rule.allows(&name("sts.amazonaws.com"), 443, 443));
+        assert_eq!(rule.foreign_suffix(&name("sts.amazonaws.com")), None);
+
+        let rule = HostRule::parse("*.example.co.uk").unwrap();
+        assert!(rule.allows(&name("api.example.co.uk"), 443, 443));
     }
 
     #[test]
