@@ -123,6 +123,10 @@ fn wider_sections_rejected_with_their_name() {
             "network: {inject: [{host: \"*.example.com\", header: A, value: b, plugins: [p]}]}\n",
             "network.inject[0].host",
         ),
+        (
+            "network: {inject: [{host: example.com, header: A, value: b, plugins: [Not_A_Name]}]}\n",
+            "network.inject[0].plugins",
+        ),
     ] {
         let file = dir.path().join("policy.yaml");
         let text = if section.starts_with("network") {
@@ -183,13 +187,65 @@ fn config_values_reach_task() {
 }
 
 #[test]
+fn injected_header_sent_only_over_https_by_default() {
+    let (secure, ca_pem) = LocalServer::https(&["api.test"]);
+    let plain = LocalServer::http();
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), ca_pem).unwrap();
+    let entry = |port: u16| {
+        format!(
+            "    - {{host: \"api.test:{port}\", header: Authorization, value: \"Bearer ${{APEX_TEST_SECRET}}\", plugins: [summarize]}}\n"
+        )
+    };
+    let policy = format!(
+        "network:\n  http_allow_domains: [\"api.test:{}\", \"api.test:{}\"]\n  resolve: {{api.test: 127.0.0.1}}\n  \
+         allow_private_addresses: true\n  ca_file: {}\n  inject:\n{}{}",
+        secure.port,
+        plain.port,
+        ca.path().display(),
+        entry(secure.port),
+        entry(plain.port)
+    );
+    let server = apex(&policy, plain.port, &[("APEX_TEST_SECRET", SECRET)]);
+
+    // A task that picks plain HTTP must not carry the secret in clear text.
+    let result = run(
+        &server,
+        "summarize",
+        json!({ "url": format!("http://api.test:{}/", plain.port) }),
+    );
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(plain.requests(), 1);
+    assert!(
+        !plain.header_lines().iter().any(|l| l.contains(SECRET)),
+        "{:?}",
+        plain.header_lines()
+    );
+
+    let result = run(
+        &server,
+        "summarize",
+        json!({ "url": format!("https://api.test:{}/", secure.port) }),
+    );
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert!(
+        secure
+            .header_lines()
+            .contains(&format!("authorization: Bearer {SECRET}")),
+        "{:?}",
+        secure.header_lines()
+    );
+}
+
+#[test]
 fn injected_header_reaches_only_its_host() {
     let upstream = LocalServer::http();
     let other_host = LocalServer::http();
     let policy = format!(
         "network:\n  http_allow_domains: [\"api.test:{{PORT}}\", \"other.test:{}\"]\n  \
          resolve: {{api.test: 127.0.0.1, other.test: 127.0.0.1}}\n  allow_private_addresses: true\n  \
-         inject:\n    - {{host: \"api.test:{{PORT}}\", header: Authorization, value: \"Bearer ${{APEX_TEST_SECRET}}\", plugins: [summarize]}}\n",
+         inject:\n    - {{host: \"api.test:{{PORT}}\", header: Authorization, value: \"Bearer ${{APEX_TEST_SECRET}}\", \
+         plugins: [summarize], plain_http: true}}\n",
         other_host.port
     );
     let server = apex(&policy, upstream.port, &[("APEX_TEST_SECRET", SECRET)]);

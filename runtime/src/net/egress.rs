@@ -292,11 +292,15 @@ impl Egress {
             .map_err(|_| HttpError::ConnectionTimeout)??;
 
         // Secrets go in only now, after every check, to the host they are for;
-        // they replace any header of that name the task set.
+        // they replace any header of that name the task set. Over plain HTTP
+        // anyone on the path could read them, so only with `plain_http` set.
         if let RequestHost::Name(name) = &destination.host {
             let default_port = if destination.tls { 443 } else { 80 };
             for injection in &self.injections {
-                if &injection.host == name && injection.port.unwrap_or(default_port) == destination.port {
+                if &injection.host == name
+                    && injection.port.unwrap_or(default_port) == destination.port
+                    && (destination.tls || injection.plain_http)
+                {
                     let (Ok(header), Ok(value)) = (
                         http::HeaderName::from_bytes(injection.header.as_bytes()),
                         http::HeaderValue::from_str(&injection.value),

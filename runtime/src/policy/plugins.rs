@@ -32,6 +32,8 @@ pub(super) struct RawInjection {
     header: String,
     value: String,
     plugins: Vec<String>,
+    #[serde(default)]
+    plain_http: bool,
 }
 
 /// A plugin's section of the policy, validated as a narrowing.
@@ -63,6 +65,8 @@ pub struct Injection {
     pub value: String,
     /// Plugins whose requests get the header.
     pub plugins: Vec<String>,
+    /// Whether plain `http` requests get the header too, in clear text.
+    pub plain_http: bool,
 }
 
 impl fmt::Debug for Injection {
@@ -288,12 +292,23 @@ impl Checker<'_> {
                     "list the plugins whose requests get the header",
                 ));
             }
+            if let Some(name) = entry
+                .plugins
+                .iter()
+                .find(|name| !crate::store::is_valid_name(name))
+            {
+                return Err(self.error(
+                    format!("{key}.plugins"),
+                    format!("{name:?} is not a valid plugin name ([a-z0-9][a-z0-9_-]{{0,62}})"),
+                ));
+            }
             injections.push(Injection {
                 host,
                 port: rule.port,
                 header,
                 value,
                 plugins: entry.plugins.clone(),
+                plain_http: entry.plain_http,
             });
         }
         Ok(injections)
