@@ -320,6 +320,13 @@ fn failed_commit_reported_to_client() {
     assert!(warning.contains("could not record"), "{waited}");
 
     locker.execute_batch("ROLLBACK").unwrap();
+    // The finished run is written once the database is free again, and the
+    // rejected background run never is.
+    let id = waited["run_id"].as_str().unwrap();
+    let run = wait_for(&server, id, &["succeeded"], Duration::from_secs(20));
+    assert_eq!(run["output"]["greeting"], "Hello, Ada!");
+    let page = server.send(&Request::new("GET", "/v1/runs", "").signed()).json();
+    assert_eq!(page["runs"].as_array().unwrap().len(), 1, "{page}");
     let id = start_background(&server, "hello", json!({ "name": "Ada" }));
     let run = wait_for(&server, &id, &["succeeded"], Duration::from_secs(10));
     assert_eq!(run["output"]["greeting"], "Hello, Ada!");

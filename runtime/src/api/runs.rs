@@ -371,7 +371,9 @@ async fn execute(
         Ok(()) => warning,
         Err(e) => {
             tracing::error!(run_id = %record.id, error = %e, "cannot record a finished run");
-            let lost = format!("the run finished, but the history could not record it: {e}");
+            let lost = format!(
+                "the run finished, but the history could not record it yet ({e}); the server keeps trying"
+            );
             Some(match warning {
                 Some(warning) => format!("{warning}; {lost}"),
                 None => lost,

@@ -277,9 +277,9 @@ impl History {
         if !matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
             return Err(change);
         }
-        // The writer lowers the count only after it has committed the
-        // changes. So at zero, every change sent earlier, such as this run's
-        // queued record, is committed, and cannot overwrite this one later.
+        // The writer lowers the count only once changes are committed or
+        // given up. So at zero, no change sent earlier, such as this run's
+        // queued record, can overwrite this one later.
         if self.queued.load(Ordering::Acquire) != 0 {
             return Err(change);
         }
@@ -291,9 +291,15 @@ impl History {
             Err(std::sync::TryLockError::WouldBlock) => return Err(change),
         };
         let batch = [Job { change, done: None }];
-        Ok(tokio::task::block_in_place(|| {
-            writer::commit_logged(&mut connection, &batch)
-        }))
+        let result = tokio::task::block_in_place(|| writer::commit_logged(&mut connection, &batch));
+        drop(connection);
+        let [job] = batch;
+        // The writer tries a failed change again, as it does its own. A
+        // queued record is not: its caller rejects the run.
+        if result.is_err() && !matches!(job.change, Change::Queue(_) | Change::Barrier) {
+            self.send(job.change, None);
+        }
+        Ok(result)
     }
 
     /// Records that a run started.

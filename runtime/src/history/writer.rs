@@ -29,6 +29,11 @@ const MAX_BATCH: usize = 512;
 /// Maximum time an unacknowledged change stays uncommitted.
 const GROUP_WINDOW: Duration = Duration::from_millis(2);
 
+/// Commits of a failed batch tried before its changes are given up, with a
+/// pause of [`retry_pause`] before each: about two minutes in all, on top of
+/// the busy timeout of each try.
+const COMMIT_ATTEMPTS: u32 = 30;
+
 /// Writes a whole run record, new or replacing the earlier one.
 const UPSERT_RUN: &str = "INSERT OR REPLACE INTO runs (id, plugin, sha256, key_id, queued_at, started_at,
         finished_at, status, exit_code, duration_ms, input, output, stdout, stderr, stdout_truncated,
@@ -36,6 +41,7 @@ const UPSERT_RUN: &str = "INSERT OR REPLACE INTO runs (id, plugin, sha256, key_i
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
 
 /// One change to the database.
+#[derive(Clone)]
 pub enum Change {
     /// A new run, queued.
     Queue(Box<RunRecord>),
@@ -61,23 +67,94 @@ pub struct Job {
 /// Runs the writer loop until every sender is dropped.
 ///
 /// `queued` counts the changes sent and not yet committed. The writer lowers
-/// it only after their commit, so a count of zero means that every change
-/// sent so far is committed.
+/// it only once they are committed or given up, so a count of zero means
+/// that no change sent so far can still be written.
+///
+/// A batch that fails to commit is reported to its waiters at once, and
+/// tried again with the changes that arrived meanwhile, up to
+/// [`COMMIT_ATTEMPTS`] times. So a database locked for a while by another
+/// process delays the history but loses nothing. Its changes stay counted in
+/// `queued` until they are committed or given up.
 pub fn run(connection: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Job>, queued: Arc<AtomicUsize>) {
-    while let Ok(first) = jobs.recv() {
-        let batch = collect_batch(first, &jobs);
-        let result = {
-            let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
-            let result = commit_logged(&mut connection, &batch);
-            queued.fetch_sub(batch.len(), Ordering::Release);
-            result
+    let mut failed: Vec<Job> = Vec::new();
+    let mut attempts = 0;
+    loop {
+        let batch = if failed.is_empty() {
+            let Ok(first) = jobs.recv() else {
+                break;
+            };
+            collect_batch(first, &jobs)
+        } else {
+            std::thread::sleep(retry_pause(attempts));
+            let mut batch = std::mem::take(&mut failed);
+            batch.extend(jobs.try_iter().take(MAX_BATCH));
+            batch
         };
+        let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+        let result = commit_logged(&mut connection, &batch);
+        let retried = match &result {
+            Ok(()) => {
+                attempts = 0;
+                Vec::new()
+            }
+            Err(_) if attempts + 1 >= COMMIT_ATTEMPTS => {
+                tracing::error!(
+                    attempts = COMMIT_ATTEMPTS,
+                    runs = ?run_ids(&batch),
+                    "gave up writing these changes to the run history"
+                );
+                attempts = 0;
+                Vec::new()
+            }
+            Err(_) => {
+                attempts += 1;
+                batch
+                    .iter()
+                    .filter(|job| worth_retrying(job))
+                    .map(|job| job.change.clone())
+                    .collect()
+            }
+        };
+        queued.fetch_sub(batch.len() - retried.len(), Ordering::Release);
+        drop(connection);
         for job in batch {
             if let Some(done) = job.done {
                 let _ = done.send(result.clone());
             }
         }
+        failed = retried
+            .into_iter()
+            .map(|change| Job { change, done: None })
+            .collect();
     }
+}
+
+/// Returns the pause before commit attempt `attempts` + 1 of a failed batch:
+/// 100 ms, doubling up to 5 s.
+fn retry_pause(attempts: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempts.min(6)).min(5000))
+}
+
+/// Returns whether a change whose commit failed is written later. A queued
+/// record whose caller waits is not: that caller rejects the run.
+fn worth_retrying(job: &Job) -> bool {
+    match job.change {
+        Change::Queue(_) => job.done.is_none(),
+        Change::Barrier => false,
+        _ => true,
+    }
+}
+
+/// Returns the ids of the runs that `batch` changes, for logs.
+pub fn run_ids(batch: &[Job]) -> Vec<&str> {
+    batch
+        .iter()
+        .filter_map(|job| match &job.change {
+            Change::Queue(run) | Change::Finish(run) => Some(run.id.as_str()),
+            Change::Start { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Collects the changes to commit together, starting with `first`: every
@@ -108,7 +185,12 @@ fn collect_batch(first: Job, jobs: &mpsc::Receiver<Job>) -> Vec<Job> {
 /// Commits `batch` in one transaction, logging a failure.
 pub fn commit_logged(connection: &mut Connection, batch: &[Job]) -> Result<(), String> {
     commit(connection, batch).map_err(|e| {
-        tracing::error!(error = %e, changes = batch.len(), "cannot write run history");
+        tracing::error!(
+            error = %e,
+            changes = batch.len(),
+            runs = ?run_ids(batch),
+            "cannot write to the run history and audit log"
+        );
         e.to_string()
     })
 }
@@ -193,10 +275,38 @@ fn apply(db: &Connection, change: &Change) -> rusqlite::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use rusqlite::Connection;
 
     use super::super::{RunRecord, SCHEMA, now_ms};
-    use super::{Change, Job, commit};
+    use super::{COMMIT_ATTEMPTS, Change, Job, commit, retry_pause, worth_retrying};
+
+    #[test]
+    fn failed_commits_retried_for_minutes() {
+        assert_eq!(retry_pause(0), Duration::from_millis(100));
+        assert_eq!(retry_pause(3), Duration::from_millis(800));
+        assert_eq!(retry_pause(40), Duration::from_secs(5));
+        let total: Duration = (0..COMMIT_ATTEMPTS).map(retry_pause).sum();
+        assert!(
+            total > Duration::from_secs(90) && total < Duration::from_secs(180),
+            "{total:?}"
+        );
+    }
+
+    #[test]
+    fn rejected_run_not_retried() {
+        let record = RunRecord::queued("hello", &"00".repeat(32), "default", None);
+        let (done, _committed) = tokio::sync::oneshot::channel();
+        let awaited = Job {
+            change: Change::Queue(Box::new(record.clone())),
+            done: Some(done),
+        };
+        assert!(!worth_retrying(&awaited));
+        assert!(worth_retrying(&job(Change::Queue(Box::new(record.clone())))));
+        assert!(worth_retrying(&job(Change::Finish(Box::new(record)))));
+        assert!(!worth_retrying(&job(Change::Barrier)));
+    }
 
     fn job(change: Change) -> Job {
         Job { change, done: None }
