@@ -54,8 +54,15 @@ pub fn read_dotenv() -> anyhow::Result<std::collections::BTreeMap<String, String
         return Ok(variables);
     }
     crate::keys::check_private(path, "the environment file")?;
-    for item in dotenvy::from_path_iter(path).with_context(|| format!("cannot read {DOTENV_FILE}"))? {
-        let (name, value) = item.with_context(|| format!("invalid line in {DOTENV_FILE}"))?;
+    let describe = |error: dotenvy::Error| match error {
+        dotenvy::Error::LineParse(line, at) => anyhow::anyhow!(
+            "invalid line {line:?} in {DOTENV_FILE} (at character {at}); write NAME=value, one per line"
+        ),
+        dotenvy::Error::Io(e) => anyhow::anyhow!("cannot read {DOTENV_FILE}: {e}"),
+        other => anyhow::anyhow!("cannot read {DOTENV_FILE}: {other}"),
+    };
+    for item in dotenvy::from_path_iter(path).map_err(describe)? {
+        let (name, value) = item.map_err(describe)?;
         variables.insert(name, value);
     }
     Ok(variables)
@@ -87,7 +94,8 @@ pub fn key_source(keys: Option<PathBuf>) -> anyhow::Result<KeySource> {
 pub fn check_key(key: &str) -> anyhow::Result<()> {
     if key.is_empty() {
         anyhow::bail!(
-            "APEX_SHARED_KEY is not set; generate a key with `apex keygen` and export it as APEX_SHARED_KEY"
+            "APEX_SHARED_KEY is not set or empty; generate a key with `apex keygen` and export it as \
+             APEX_SHARED_KEY, or put APEX_SHARED_KEY=KEY in .env (mode 600)"
         );
     }
     if key.len() < MIN_KEY_BYTES {
