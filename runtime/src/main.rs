@@ -338,6 +338,11 @@ fn print_reply(reply: apex::client::Reply) -> anyhow::Result<ExitCode> {
     print_out(&format!("{}\n", serde_json::to_string_pretty(&reply.body)?));
     if !reply.status.is_success() {
         eprintln!("error: the server returned {}", reply.status);
+        if reply.status == reqwest::StatusCode::UNAUTHORIZED {
+            eprintln!(
+                "hint: check APEX_SHARED_KEY and APEX_KEY_ID (from the environment, else .env) against the server's keys"
+            );
+        }
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

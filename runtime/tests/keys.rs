@@ -365,7 +365,12 @@ fn client_reads_settings_from_dotenv() {
     // The environment wins over .env: this key id is not the reader's.
     let output = plugins(&[("APEX_KEY_ID", "new")]);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(
+        stderr.contains("check APEX_SHARED_KEY and APEX_KEY_ID"),
+        "{stderr}"
+    );
 
     // A .env that others can read is not used.
     std::fs::set_permissions(&dotenv, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -379,6 +384,6 @@ fn client_reads_settings_from_dotenv() {
     let url = format!("http://{}", server.addr);
     let output = plugins(&[("APEX_URL", &url), ("APEX_SHARED_KEY", READER)]);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!stderr.contains(".env"), "{stderr}");
+    assert!(!stderr.contains("readable by group"), "{stderr}");
     assert!(stderr.contains("401"), "{stderr}");
 }

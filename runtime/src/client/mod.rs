@@ -120,11 +120,12 @@ impl Client {
         if let Some(id) = &self.key_id {
             request = request.header(crate::auth::HEADER_KEY_ID, id);
         }
-        let response = request
-            .body(body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the Apex server at {}", self.base))?;
+        let response = request.body(body).send().await.with_context(|| {
+            format!(
+                "cannot reach the Apex server at {}; is it running there? Set APEX_URL to its address",
+                self.base
+            )
+        })?;
 
         let status = response.status();
         let text = response.text().await.context("cannot read the response")?;

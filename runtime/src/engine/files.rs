@@ -182,7 +182,7 @@ fn denial_reason(code: ErrorCode, path: &str, writes: bool) -> Option<String> {
             } else if writes {
                 "writing where the policy allows only reading, or a symlink pointing outside"
             } else {
-                "a symlink pointing outside the preopened directory"
+                "a symlink pointing outside the preopened directory, or an absolute one"
             };
             Some(why.to_string())
         }
