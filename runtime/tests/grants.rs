@@ -221,6 +221,9 @@ fn injected_header_sent_only_over_https_by_default() {
         "{:?}",
         plain.header_lines()
     );
+    let log = server.log();
+    assert!(log.contains("set plain_http: true on the entry"), "{log}");
+    assert!(!log.contains(SECRET), "{log}");
 
     let result = run(
         &server,

@@ -297,18 +297,25 @@ impl Egress {
         if let RequestHost::Name(name) = &destination.host {
             let default_port = if destination.tls { 443 } else { 80 };
             for injection in &self.injections {
-                if &injection.host == name
-                    && injection.port.unwrap_or(default_port) == destination.port
-                    && (destination.tls || injection.plain_http)
-                {
-                    let (Ok(header), Ok(value)) = (
-                        http::HeaderName::from_bytes(injection.header.as_bytes()),
-                        http::HeaderValue::from_str(&injection.value),
-                    ) else {
-                        continue;
-                    };
-                    request.headers_mut().insert(header, value);
+                if &injection.host != name || injection.port.unwrap_or(default_port) != destination.port {
+                    continue;
                 }
+                if !destination.tls && !injection.plain_http {
+                    tracing::warn!(
+                        host = %name,
+                        header = %injection.header,
+                        "an inject header was not added to a plain http request; \
+                         set plain_http: true on the entry to send it in clear text"
+                    );
+                    continue;
+                }
+                let (Ok(header), Ok(value)) = (
+                    http::HeaderName::from_bytes(injection.header.as_bytes()),
+                    http::HeaderValue::from_str(&injection.value),
+                ) else {
+                    continue;
+                };
+                request.headers_mut().insert(header, value);
             }
         }
 
