@@ -239,6 +239,24 @@ fn background_run_survives_client_hang_up() {
     }
 }
 
+/// Waits until a run of `probe` is listed as running, and returns its id.
+fn first_running_probe(server: &TestServer) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = server
+            .send(&Request::new("GET", "/v1/runs?plugin=probe&status=running", "").signed())
+            .json();
+        if let Some(run) = page["runs"].as_array().unwrap().first() {
+            return run["run_id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting run is not listed as running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends a waiting run of `probe` with `input`, hangs up once the run is
 /// listed as running, and returns its id.
 fn hang_up_while_running(server: &TestServer, input: Value) -> String {
@@ -251,20 +269,7 @@ fn hang_up_while_running(server: &TestServer, input: Value) -> String {
     stream.write_all(&request.body).unwrap();
 
     // A waiting run is listed once it has run for a few milliseconds.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let id = loop {
-        let page = server
-            .send(&Request::new("GET", "/v1/runs?plugin=probe&status=running", "").signed())
-            .json();
-        if let Some(run) = page["runs"].as_array().unwrap().first() {
-            break run["run_id"].as_str().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the waiting run is not listed as running"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let id = first_running_probe(server);
     drop(stream);
     id
 }
@@ -350,20 +355,7 @@ fn waiting_run_recorded_while_running() {
     let addr = server.addr.clone();
     let client = std::thread::spawn(move || send_until_closed(&addr, &request));
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let id = loop {
-        let page = server
-            .send(&Request::new("GET", "/v1/runs?status=running", "").signed())
-            .json();
-        if let Some(run) = page["runs"].as_array().unwrap().first() {
-            break run["run_id"].as_str().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the waiting run is not listed as running"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let id = first_running_probe(&server);
 
     server.kill();
     client.join().unwrap();
