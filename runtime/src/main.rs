@@ -310,24 +310,40 @@ fn print_formatted(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Returns the client setting `name`: from the environment, else from
-/// `.env` in the working directory, as the server reads its key. A key in
-/// the environment means that `.env` is not the client's, and it is not read.
-fn setting(name: &str) -> anyhow::Result<Option<String>> {
-    if let Ok(value) = std::env::var(name) {
-        return Ok(Some(value));
+/// The client's settings: each from the environment, else from `.env` in
+/// the working directory, as the server reads its key.
+struct Settings {
+    dotenv: std::collections::BTreeMap<String, String>,
+}
+
+impl Settings {
+    /// Reads `.env`, unless the key is in the environment: then `.env` is
+    /// not the client's.
+    fn load() -> anyhow::Result<Settings> {
+        let dotenv = if std::env::var_os("APEX_SHARED_KEY").is_some() {
+            Default::default()
+        } else {
+            apex::server::read_dotenv()?
+        };
+        Ok(Settings { dotenv })
     }
-    if std::env::var_os("APEX_SHARED_KEY").is_some() {
-        return Ok(None);
+
+    /// Returns the setting `name`, if set.
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name)
+            .ok()
+            .or_else(|| self.dotenv.get(name).cloned())
     }
-    Ok(apex::server::read_dotenv()?.remove(name))
 }
 
 fn client() -> anyhow::Result<Client> {
-    let url = setting("APEX_URL")?.unwrap_or_else(|| DEFAULT_URL.to_string());
-    let key = setting("APEX_SHARED_KEY")?.unwrap_or_default();
+    let settings = Settings::load()?;
+    let url = settings
+        .get("APEX_URL")
+        .unwrap_or_else(|| DEFAULT_URL.to_string());
+    let key = settings.get("APEX_SHARED_KEY").unwrap_or_default();
     let client = Client::new(&url, &key)?;
-    match setting("APEX_KEY_ID")? {
+    match settings.get("APEX_KEY_ID") {
         Some(id) => client.with_key_id(&id),
         None => Ok(client),
     }
@@ -428,7 +444,8 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             body_file,
             body,
         } => {
-            let key = setting("APEX_SHARED_KEY")?.unwrap_or_default();
+            let settings = Settings::load()?;
+            let key = settings.get("APEX_SHARED_KEY").unwrap_or_default();
             apex::server::check_key(&key)?;
             if !target.starts_with('/') {
                 anyhow::bail!(
@@ -447,7 +464,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 "X-TS: {}\nX-Nonce: {}\nX-SIG: {}\n",
                 headers.ts, headers.nonce, headers.signature
             );
-            if let Some(id) = setting("APEX_KEY_ID")? {
+            if let Some(id) = settings.get("APEX_KEY_ID") {
                 if !apex::keys::is_valid_key_id(&id) {
                     anyhow::bail!(
                         "invalid APEX_KEY_ID {id:?}: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`"

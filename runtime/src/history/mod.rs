@@ -294,9 +294,8 @@ impl History {
         let result = tokio::task::block_in_place(|| writer::commit_logged(&mut connection, &batch));
         drop(connection);
         let [job] = batch;
-        // The writer tries a failed change again, as it does its own. A
-        // queued record is not: its caller rejects the run.
-        if result.is_err() && !matches!(job.change, Change::Queue(_) | Change::Barrier) {
+        // The writer tries a failed change again, as it does its own.
+        if result.is_err() && writer::worth_retrying(&job.change, true) {
             self.send(job.change, None);
         }
         Ok(result)
@@ -337,7 +336,8 @@ impl History {
 
     /// Waits until every change sent so far is committed.
     pub async fn flush(&self) {
-        // The writer lowers the count only after a commit.
+        // The writer lowers the count only once changes are committed or
+        // given up.
         if self.queued.load(Ordering::Acquire) == 0 {
             return;
         }

@@ -41,7 +41,6 @@ const UPSERT_RUN: &str = "INSERT OR REPLACE INTO runs (id, plugin, sha256, key_i
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
 
 /// One change to the database.
-#[derive(Clone)]
 pub enum Change {
     /// A new run, queued.
     Queue(Box<RunRecord>),
@@ -92,40 +91,36 @@ pub fn run(connection: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Job>, queued
         };
         let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
         let result = commit_logged(&mut connection, &batch);
-        let retried = match &result {
-            Ok(()) => {
-                attempts = 0;
-                Vec::new()
-            }
-            Err(_) if attempts + 1 >= COMMIT_ATTEMPTS => {
-                tracing::error!(
-                    attempts = COMMIT_ATTEMPTS,
-                    runs = ?run_ids(&batch),
-                    "gave up writing these changes to the run history"
-                );
-                attempts = 0;
-                Vec::new()
-            }
-            Err(_) => {
-                attempts += 1;
-                batch
-                    .iter()
-                    .filter(|job| worth_retrying(job))
-                    .map(|job| job.change.clone())
-                    .collect()
-            }
-        };
-        queued.fetch_sub(batch.len() - retried.len(), Ordering::Release);
-        drop(connection);
+        let give_up = result.is_err() && attempts + 1 >= COMMIT_ATTEMPTS;
+        if give_up {
+            tracing::error!(
+                attempts = COMMIT_ATTEMPTS,
+                runs = ?run_ids(&batch),
+                "gave up writing these changes to the run history"
+            );
+        }
+        let retry = result.is_err() && !give_up;
+        attempts = if retry { attempts + 1 } else { 0 };
+
+        let mut waiters = Vec::new();
+        let mut settled = 0;
         for job in batch {
-            if let Some(done) = job.done {
-                let _ = done.send(result.clone());
+            let awaited = job.done.is_some();
+            waiters.extend(job.done);
+            if retry && worth_retrying(&job.change, awaited) {
+                failed.push(Job {
+                    change: job.change,
+                    done: None,
+                });
+            } else {
+                settled += 1;
             }
         }
-        failed = retried
-            .into_iter()
-            .map(|change| Job { change, done: None })
-            .collect();
+        queued.fetch_sub(settled, Ordering::Release);
+        drop(connection);
+        for done in waiters {
+            let _ = done.send(result.clone());
+        }
     }
 }
 
@@ -135,11 +130,12 @@ fn retry_pause(attempts: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << attempts.min(6)).min(5000))
 }
 
-/// Returns whether a change whose commit failed is written later. A queued
-/// record whose caller waits is not: that caller rejects the run.
-fn worth_retrying(job: &Job) -> bool {
-    match job.change {
-        Change::Queue(_) => job.done.is_none(),
+/// Returns whether `change`, whose commit failed, is written later. A queued
+/// record that its caller waited for is not, because that caller rejects
+/// the run.
+pub fn worth_retrying(change: &Change, awaited: bool) -> bool {
+    match change {
+        Change::Queue(_) => !awaited,
         Change::Barrier => false,
         _ => true,
     }
@@ -297,15 +293,13 @@ mod tests {
     #[test]
     fn rejected_run_not_retried() {
         let record = RunRecord::queued("hello", &"00".repeat(32), "default", None);
-        let (done, _committed) = tokio::sync::oneshot::channel();
-        let awaited = Job {
-            change: Change::Queue(Box::new(record.clone())),
-            done: Some(done),
-        };
-        assert!(!worth_retrying(&awaited));
-        assert!(worth_retrying(&job(Change::Queue(Box::new(record.clone())))));
-        assert!(worth_retrying(&job(Change::Finish(Box::new(record)))));
-        assert!(!worth_retrying(&job(Change::Barrier)));
+        let queued = Change::Queue(Box::new(record.clone()));
+
+        // A background run whose queued record failed was rejected with 503.
+        assert!(!worth_retrying(&queued, true));
+        assert!(worth_retrying(&queued, false));
+        assert!(worth_retrying(&Change::Finish(Box::new(record)), true));
+        assert!(!worth_retrying(&Change::Barrier, true));
     }
 
     fn job(change: Change) -> Job {
