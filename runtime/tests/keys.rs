@@ -387,3 +387,41 @@ fn client_reads_settings_from_dotenv() {
     assert!(!stderr.contains("readable by group"), "{stderr}");
     assert!(stderr.contains("401"), "{stderr}");
 }
+
+#[test]
+fn client_errors_name_setting_and_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let apex = |args: &[&str], env: &[(&str, &str)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("APEX_URL")
+            .env_remove("APEX_SHARED_KEY")
+            .env_remove("APEX_KEY_ID")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    // Nothing listens on port 1 of this machine.
+    let stderr = apex(
+        &["plugins"],
+        &[("APEX_URL", "http://127.0.0.1:1"), ("APEX_SHARED_KEY", READER)],
+    );
+    assert!(stderr.contains("cannot reach the Apex server at"), "{stderr}");
+    assert!(stderr.contains("Set APEX_URL"), "{stderr}");
+
+    let stderr = apex(&["sign", "GET", "/v1/plugins"], &[("APEX_SHARED_KEY", "")]);
+    assert!(stderr.contains("APEX_SHARED_KEY is not set or empty"), "{stderr}");
+    assert!(stderr.contains(".env"), "{stderr}");
+
+    let dotenv = dir.path().join(".env");
+    std::fs::write(&dotenv, format!("APEX_SHARED_KEY={READER}\nnot a line\n")).unwrap();
+    std::fs::set_permissions(&dotenv, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let stderr = apex(&["plugins"], &[]);
+    assert!(stderr.contains("invalid line \"not a line\" in .env"), "{stderr}");
+    assert!(stderr.contains("write NAME=value"), "{stderr}");
+}
