@@ -643,6 +643,67 @@ fn confined_child_cannot_connect() {
 }
 
 #[test]
+fn confined_child_cannot_use_unix_sockets() {
+    let server = open_shell();
+    // A socket in the read-write directory, the most the policy grants. A
+    // service's socket under /run would be reached the same way.
+    let path = server.work().join("service.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let script = format!(
+        "import socket; socket.socket(socket.AF_UNIX).connect(\"{}\")",
+        path.display()
+    );
+    let output = shell(&server, &format!("python3 -c '{script}'"), None);
+    assert_ne!(output["exit_code"], 0, "{output}");
+    assert!(
+        output["stderr"].as_str().unwrap().contains("PermissionError"),
+        "{output}"
+    );
+    let accepted = listener.accept().map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(
+        accepted,
+        Err(std::io::ErrorKind::WouldBlock),
+        "no connection arrived"
+    );
+
+    // A socket pair has no path, and still works.
+    let output = shell(
+        &server,
+        "python3 -c 'import socket; a, b = socket.socketpair(); a.send(b\"x\"); print(b.recv(1))'",
+        None,
+    );
+    assert_eq!(output["exit_code"], 0, "{output}");
+    assert_eq!(output["stdout"], "b'x'\n", "{output}");
+}
+
+#[test]
+fn confined_child_cannot_bypass_the_socket_filter() {
+    let server = open_shell();
+    let call = |arguments: &str| {
+        let script = format!(
+            "import ctypes; libc = ctypes.CDLL(None, use_errno=True); \
+             params = ctypes.create_string_buffer(120); \
+             print(libc.syscall({arguments}), ctypes.get_errno())"
+        );
+        shell(&server, &format!("python3 -c '{script}'"), None)
+    };
+    // io_uring_setup (425), which could create and connect sockets without
+    // the `socket` call, fails with ENOSYS (38).
+    let output = call("425, 8, params");
+    assert_eq!(output["exit_code"], 0, "{output}");
+    assert_eq!(output["stdout"], "-1 38\n", "{output}");
+    // On x86-64, `socket` through the x32 convention, which has its own
+    // numbers, fails the same way.
+    #[cfg(target_arch = "x86_64")]
+    {
+        let output = call("0x40000000 + 41, 1, 1, 0");
+        assert_eq!(output["exit_code"], 0, "{output}");
+        assert_eq!(output["stdout"], "-1 38\n", "{output}");
+    }
+}
+
+#[test]
 fn confined_child_has_no_network() {
     let server = open_shell();
 

@@ -1,5 +1,6 @@
 //! Kernel confinement of shell children: user and network namespaces,
-//! Landlock for files, TCP, signals and abstract sockets, and resource limits.
+//! Landlock for files, TCP, signals and abstract sockets, seccomp for Unix
+//! sockets by path, and resource limits.
 //!
 //! The allowlist decides which program starts; this bounds what it does
 //! then. Between `fork` and `exec` the child joins its call's pids cgroup,
@@ -8,14 +9,15 @@
 //! has only a loopback interface that is down. So no socket of any protocol
 //! reaches the host's networks, and the capabilities of a child of a root
 //! server reach only the namespaces it owns. It marks every descriptor but
-//! stdin, stdout and stderr close-on-exec. Then it restricts itself with a
-//! Landlock ruleset the server prepared: read-write access to the read-write
-//! entries of `paths_allow`, read access to the read-only ones, and read and
-//! execute access to the system directories a program needs. The ruleset
-//! allows no TCP `connect` or `bind` at all, and no signal to a process or
-//! connection to an abstract Unix socket outside the child's domain. Last,
-//! the child sets limits on CPU time, address space, file size, processes
-//! and open files.
+//! stdin, stdout and stderr close-on-exec, and sets limits on CPU time,
+//! address space, file size, processes and open files. Then it restricts
+//! itself with a Landlock ruleset the server prepared: read-write access to
+//! the read-write entries of `paths_allow`, read access to the read-only
+//! ones, and read and execute access to the system directories a program
+//! needs. The ruleset allows no TCP `connect` or `bind` at all, and no signal
+//! to a process or connection to an abstract Unix socket outside the child's
+//! domain. Last, it installs the seccomp filter of [`super::seccomp`], which
+//! refuses Unix sockets, whose paths Landlock does not cover, and io_uring.
 
 use std::path::PathBuf;
 
@@ -361,6 +363,14 @@ impl Prepared {
                 return Err(std::io::Error::other("Landlock is not fully enforced"));
             }
         }
+
+        // Last, so the steps above run without the filter.
+        #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+        if let Err(e) = super::seccomp::install()
+            && self.required
+        {
+            return Err(e);
+        }
         Ok(())
     }
 }
@@ -423,8 +433,13 @@ impl Confinement {
         };
         #[cfg(not(target_os = "linux"))]
         let processes = "";
+        let seccomp = if super::seccomp::AVAILABLE {
+            "a seccomp filter (no Unix sockets or io_uring)"
+        } else {
+            "no seccomp filter on this architecture"
+        };
         Ok(format!(
-            "a network namespace, Landlock (files and TCP), resource limits and {processes}"
+            "a network namespace, Landlock (files and TCP), {seccomp}, resource limits and {processes}"
         ))
     }
 }

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod confine;
 pub mod exec;
 pub mod rules;
+pub mod seccomp;
 
 use std::sync::Arc;
 use std::time::Duration;
