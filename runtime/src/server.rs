@@ -269,6 +269,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         in_flight: Default::default(),
         key_source,
         throttle,
+        detached_runs: tokio_util::task::TaskTracker::new(),
     });
     spawn_reload_on_hangup(state.clone());
     spawn_pruning(history.clone(), state.grants.policy.retention);
@@ -282,6 +283,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         api::router(state.clone()),
         tls,
         policy.limits.max_connections,
+        &state.detached_runs,
     )
     .await;
 
@@ -294,16 +296,19 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
 /// How long a client may take to send the request line and headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long shutdown waits for requests in flight.
+/// How long shutdown waits for requests and runs in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves HTTP/1.1 connections until SIGINT or SIGTERM, with a bound on
 /// open connections and on the time a client may take to send its headers.
+/// Then waits for the requests in flight and for `detached_runs`, up to
+/// [`SHUTDOWN_GRACE`].
 async fn accept_connections(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     max_connections: usize,
+    detached_runs: &tokio_util::task::TaskTracker,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
@@ -375,12 +380,24 @@ async fn accept_connections(
     }
 
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // A waiting run whose client leaves now moves to `detached_runs`, so
+    // the tracker closes only once the connections are done.
+    let connections = graceful.shutdown();
+    let runs = async {
+        connections.await;
+        detached_runs.close();
+        if !detached_runs.is_empty() {
+            tracing::info!(
+                runs = detached_runs.len(),
+                "waiting for runs without a client to finish"
+            );
+        }
+        detached_runs.wait().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, runs).await.is_err() {
         tracing::warn!(
-            "requests still running after {} s; stopping anyway",
+            runs = detached_runs.len(),
+            "requests or runs still going after {} s; stopping anyway, and the next start marks those runs interrupted",
             SHUTDOWN_GRACE.as_secs()
         );
     }

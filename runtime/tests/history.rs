@@ -285,6 +285,28 @@ fn waiting_run_survives_client_hang_up() {
 }
 
 #[test]
+fn stop_waits_for_runs_without_client() {
+    let mut server = TestServer::start();
+    server.upload_plugin("probe");
+    // The waiting run first, since the helper finds it as the first probe
+    // listed as running.
+    let detached = hang_up_while_running(&server, json!({ "op": "sleep", "ms": 1500 }));
+    let background = start_background(&server, "probe", json!({ "op": "sleep", "ms": 1500 }));
+
+    server.stop();
+    let log = server.log();
+    assert!(
+        log.contains("waiting for runs without a client to finish"),
+        "{log}"
+    );
+    server.restart();
+    for id in [detached, background] {
+        let run = get_run(&server, &id);
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+}
+
+#[test]
 fn waiting_run_cancelled_after_client_hang_up() {
     let server = TestServer::start();
     server.upload_plugin("probe");

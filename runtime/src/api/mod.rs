@@ -60,6 +60,9 @@ pub struct AppState {
     pub key_source: KeySource,
     /// Failed authentications per address.
     pub throttle: Throttle,
+    /// Runs that go on without a client: background runs, and waiting runs
+    /// whose client disconnected. A server stop waits for them.
+    pub detached_runs: tokio_util::task::TaskTracker,
 }
 
 impl AppState {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::auth::Caller;
@@ -167,7 +168,7 @@ pub(super) async fn run_plugin(
         // record of a run that never starts.
         let (committed_sender, committed) = oneshot::channel();
         let state_for_run = state.clone();
-        tokio::spawn(
+        state.detached_runs.spawn(
             async move {
                 let stored = state_for_run.history.queue_committed(record.clone()).await;
                 let failed = stored.is_err();
@@ -176,7 +177,8 @@ pub(super) async fn run_plugin(
                     state_for_run.in_flight.take(&record.id);
                     return;
                 }
-                execute(state_for_run, plugin, record, run, ticket, cancel, false).await;
+                let _ =
+                    execute_or_record_panic(state_for_run, plugin, record, run, ticket, cancel, false).await;
             }
             .instrument(span),
         );
@@ -202,21 +204,14 @@ pub(super) async fn run_plugin(
         state.history.queue(record.clone());
     }
     // The run goes on if the client disconnects and this handler is dropped.
-    let mut failed = record.clone();
     let run = RunToEnd::new(
-        execute(state.clone(), plugin, record, run, ticket, cancel, record_later).instrument(span),
+        execute_or_record_panic(state.clone(), plugin, record, run, ticket, cancel, record_later)
+            .instrument(span),
+        &state.detached_runs,
     );
     let (record, warning) = match run.await {
         Ok(finished) => finished,
         Err(panic) => {
-            // The slot was released when the run's future was dropped.
-            state.in_flight.take(&failed.id);
-            failed.status = "failed".into();
-            failed.finished_at_ms = Some(now_ms());
-            failed.error = Some("the server failed while running the task; see its log".into());
-            if let Err(e) = state.history.finish(failed).await {
-                tracing::error!(run_id = %id, error = %e, "cannot record a failed run");
-            }
             return Err(ApiError::internal(
                 "the run task failed",
                 format!("run {id} panicked: {panic}"),
@@ -231,36 +226,29 @@ pub(super) async fn run_plugin(
 }
 
 /// A future that is polled by the task that awaits it, and that goes on in a
-/// task of its own when dropped before it ends, as when the client of a waiting
-/// run disconnects. Unlike a spawned task, it costs no hand-over between
-/// tasks while the client stays. A panic inside ends it with an error, as it
-/// would end a task.
+/// task of `tracker` when dropped before it ends, as when the client of a
+/// waiting run disconnects. Unlike a spawned task, it costs no hand-over
+/// between tasks while the client stays.
 struct RunToEnd<F: Future + Send + 'static> {
     future: Option<Pin<Box<F>>>,
+    tracker: TaskTracker,
 }
 
 impl<F: Future + Send + 'static> RunToEnd<F> {
-    fn new(future: F) -> RunToEnd<F> {
+    fn new(future: F, tracker: &TaskTracker) -> RunToEnd<F> {
         RunToEnd {
             future: Some(Box::pin(future)),
+            tracker: tracker.clone(),
         }
     }
 }
 
 impl<F: Future + Send + 'static> Future for RunToEnd<F> {
-    type Output = Result<F::Output, String>;
+    type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
         let future = self.future.as_mut().expect("RunToEnd polled after it ended");
-        let output = match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(output)) => Ok(output),
-            Err(panic) => Err(panic
-                .downcast_ref::<&str>()
-                .map(|text| text.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into())),
-        };
+        let output = std::task::ready!(future.as_mut().poll(cx));
         self.future = None;
         Poll::Ready(output)
     }
@@ -273,16 +261,86 @@ impl<F: Future + Send + 'static> Drop for RunToEnd<F> {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(async move {
-                    future.await;
-                });
+                self.tracker.spawn_on(
+                    async move {
+                        future.await;
+                    },
+                    &runtime,
+                );
             }
             // No runtime is left to run it, so the run stops here, and the
-            // next start marks it interrupted. At shutdown, the runtime also
-            // drops the task spawned above, as it drops background runs.
+            // next start marks it interrupted.
             Err(_) => tracing::warn!("a run stopped without a runtime to finish it"),
         }
     }
+}
+
+/// A future that ends with the panic's message instead of unwinding.
+struct CatchPanic<F: Future> {
+    future: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let future = self.future.as_mut().expect("CatchPanic polled after it ended");
+        let output = match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(output)) => Ok(output),
+            Err(panic) => Err(panic
+                .downcast_ref::<&str>()
+                .map(|text| text.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into())),
+        };
+        // Dropping a panicked run releases its slot.
+        self.future = None;
+        Poll::Ready(output)
+    }
+}
+
+/// Awaits `future`; when it panics, awaits `on_panic` with the message and
+/// returns the message as the error.
+async fn recover<F: Future, R: Future<Output = ()>>(
+    future: F,
+    on_panic: impl FnOnce(String) -> R,
+) -> Result<F::Output, String> {
+    let caught = CatchPanic {
+        future: Some(Box::pin(future)),
+    }
+    .await;
+    if let Err(panic) = &caught {
+        on_panic(panic.clone()).await;
+    }
+    caught
+}
+
+/// Runs [`execute`], and records the run as failed when it panics, whether
+/// or not a client still waits for it. Without that record the run would
+/// stay `running` until the next start.
+async fn execute_or_record_panic(
+    state: Arc<AppState>,
+    plugin: Arc<LoadedPlugin>,
+    record: RunRecord,
+    run: RunRequest,
+    ticket: Ticket,
+    cancel: oneshot::Receiver<()>,
+    record_later: bool,
+) -> Result<(RunRecord, Option<String>), String> {
+    let mut failed = record.clone();
+    let running = execute(state.clone(), plugin, record, run, ticket, cancel, record_later);
+    recover(running, |panic| async move {
+        tracing::error!(run_id = %failed.id, panic = %panic, "a run panicked; recording it as failed");
+        state.in_flight.take(&failed.id);
+        failed.status = "failed".into();
+        failed.finished_at_ms = Some(now_ms());
+        failed.error = Some("the server failed while running the task; see its log".into());
+        if let Err(e) = state.history.finish(failed.clone()).await {
+            tracing::error!(run_id = %failed.id, error = %e, "cannot record a failed run");
+        }
+    })
+    .await
 }
 
 /// Waits for a slot, runs the plugin, and records the result. Returns the
@@ -610,7 +668,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    use super::RunToEnd;
+    use tokio_util::task::TaskTracker;
+
+    use super::{RunToEnd, recover};
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -621,28 +681,60 @@ mod tests {
     }
 
     #[test]
-    fn dropped_run_goes_on_in_its_own_task() {
+    fn dropped_run_goes_on_in_tracked_task() {
         let finished = std::sync::Arc::new(AtomicBool::new(false));
         let flag = finished.clone();
+        let tracker = TaskTracker::new();
         runtime().block_on(async move {
-            let run = RunToEnd::new(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                flag.store(true, Ordering::SeqCst);
-            });
+            let run = RunToEnd::new(
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    flag.store(true, Ordering::SeqCst);
+                },
+                &tracker,
+            );
             // The caller gives up after the run has started.
             let _ = tokio::time::timeout(Duration::from_millis(10), run).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(tracker.len(), 1, "the run moved to the tracker");
+            tracker.close();
+            tracker.wait().await;
         });
         assert!(finished.load(Ordering::SeqCst));
     }
 
     #[test]
     fn panic_in_run_becomes_error() {
-        let outcome = runtime().block_on(RunToEnd::new(async {
-            tokio::task::yield_now().await;
-            panic!("broken run");
-        }));
+        let outcome = runtime().block_on(recover(
+            async {
+                tokio::task::yield_now().await;
+                panic!("broken run");
+            },
+            |_| async {},
+        ));
         let error: Result<(), String> = outcome;
         assert_eq!(error.unwrap_err(), "broken run");
+    }
+
+    #[test]
+    fn panic_after_client_left_still_handled() {
+        let handled = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = handled.clone();
+        let tracker = TaskTracker::new();
+        runtime().block_on(async move {
+            let guarded = recover(
+                async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    panic!("broken detached run");
+                },
+                move |panic| async move {
+                    *seen.lock().unwrap() = Some(panic);
+                },
+            );
+            let run = RunToEnd::new(guarded, &tracker);
+            let _ = tokio::time::timeout(Duration::from_millis(10), run).await;
+            tracker.close();
+            tracker.wait().await;
+        });
+        assert_eq!(handled.lock().unwrap().as_deref(), Some("broken detached run"));
     }
 }
