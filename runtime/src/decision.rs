@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 /// One capability decision the host made during a run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Decision {
-    /// The capability: `http` or `shell`.
+    /// The capability: `http`, `shell`, `file`, or `inject` for a secret
+    /// header held back from a request.
     pub capability: &'static str,
     /// Target the task requested: `https://api.github.com:443`, or a command line.
     pub target: String,

@@ -224,6 +224,23 @@ fn injected_header_sent_only_over_https_by_default() {
     let log = server.log();
     assert!(log.contains("set plain_http: true on the entry"), "{log}");
     assert!(!log.contains(SECRET), "{log}");
+    // The run's caller and the audit log see it too.
+    let held_back = json!({
+        "capability": "inject",
+        "target": format!("authorization on http://api.test:{}", plain.port),
+        "allowed": false,
+        "reason": "not sent over plain http; set plain_http: true on the inject entry to send it in clear text",
+    });
+    let decisions = result["decisions"].as_array().unwrap();
+    assert!(decisions.contains(&held_back), "{result}");
+    let audit = server
+        .send(&common::Request::new("GET", "/v1/audit?kind=policy_denial", "").signed())
+        .json();
+    let events = audit["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["fields"]["capability"] == "inject"),
+        "{audit}"
+    );
 
     let result = run(
         &server,

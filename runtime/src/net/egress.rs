@@ -301,12 +301,25 @@ impl Egress {
                     continue;
                 }
                 if !destination.tls && !injection.plain_http {
-                    tracing::warn!(
-                        host = %name,
-                        header = %injection.header,
-                        "an inject header was not added to a plain http request; \
-                         set plain_http: true on the entry to send it in clear text"
-                    );
+                    let recorded = decisions.push(Decision {
+                        capability: "inject",
+                        target: format!("{} on http://{name}:{}", injection.header, destination.port),
+                        allowed: false,
+                        reason: "not sent over plain http; set plain_http: true on the inject entry \
+                                 to send it in clear text"
+                            .into(),
+                        exit_code: None,
+                        duration_ms: None,
+                    });
+                    if recorded {
+                        tracing::warn!(
+                            plugin,
+                            host = %name,
+                            header = %injection.header,
+                            "an inject header was not added to a plain http request; \
+                             set plain_http: true on the entry to send it in clear text"
+                        );
+                    }
                     continue;
                 }
                 let (Ok(header), Ok(value)) = (
