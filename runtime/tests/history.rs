@@ -346,6 +346,21 @@ fn failed_commit_reported_to_client() {
     let warning = waited["warning"].as_str().unwrap_or_default();
     assert!(warning.contains("could not record"), "{waited}");
 
+    // Reads answer with what is stored after about 2 s, while each try of
+    // the writer waits out its 5 s busy timeout.
+    let asked = Instant::now();
+    let page = server.send(&Request::new("GET", "/v1/runs", "").signed());
+    assert_eq!(page.status, 200);
+    assert!(
+        page.json()["runs"].as_array().unwrap().is_empty(),
+        "nothing is stored yet"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "the read waited {:?} for the writer",
+        asked.elapsed()
+    );
+
     locker.execute_batch("ROLLBACK").unwrap();
     // The finished run is written once the database is free again, and the
     // rejected background run never is.

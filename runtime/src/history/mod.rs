@@ -18,6 +18,12 @@ use serde_json::Value;
 
 use self::writer::{Change, Job};
 
+/// Longest a read waits for earlier changes to be committed. While another
+/// process holds the database locked, each try of the writer waits out its
+/// 5 s busy timeout, and it retries for minutes; readers are not blocked by
+/// such a lock.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "history.db";
 
@@ -334,7 +340,8 @@ impl History {
         self.send(Change::Audit(event), None);
     }
 
-    /// Waits until every change sent so far is committed.
+    /// Waits until every change sent so far is committed, or for at most
+    /// [`FLUSH_WAIT`] while the writer retries a failed commit.
     pub async fn flush(&self) {
         // The writer lowers the count only once changes are committed or
         // given up.
@@ -342,7 +349,10 @@ impl History {
             return;
         }
         // The writer logs a failed commit, and reads go on with what is stored.
-        let _ = self.send_committed(Change::Barrier).await;
+        let barrier = self.send_committed(Change::Barrier);
+        if tokio::time::timeout(FLUSH_WAIT, barrier).await.is_err() {
+            tracing::warn!("the run history has changes not yet committed; reading what is stored");
+        }
     }
 
     /// Removes runs finished more than `runs_days` ago and audit events older
