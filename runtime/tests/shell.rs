@@ -667,7 +667,7 @@ fn confined_child_cannot_use_unix_sockets() {
         "no connection arrived"
     );
 
-    // A socket pair has no path, and still works.
+    // A stream socket pair is connected to itself only, and still works.
     let output = shell(
         &server,
         "python3 -c 'import socket; a, b = socket.socketpair(); a.send(b\"x\"); print(b.recv(1))'",
@@ -675,6 +675,63 @@ fn confined_child_cannot_use_unix_sockets() {
     );
     assert_eq!(output["exit_code"], 0, "{output}");
     assert_eq!(output["stdout"], "b'x'\n", "{output}");
+}
+
+#[test]
+fn confined_child_cannot_send_datagrams_by_path() {
+    let server = open_shell();
+    // Outside every allowed directory, as /dev/log is.
+    let outside = tempfile::tempdir().unwrap();
+    let path = outside.path().join("log.sock");
+    let receiver = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    receiver.set_nonblocking(true).unwrap();
+
+    // Either end of a datagram pair could send to any path.
+    for kind in ["SOCK_DGRAM", "SOCK_RAW"] {
+        let script = format!(
+            "import socket; a, b = socket.socketpair(socket.AF_UNIX, socket.{kind}); a.sendto(b\"x\", \"{}\")",
+            path.display()
+        );
+        let output = shell(&server, &format!("python3 -c '{script}'"), None);
+        assert_ne!(output["exit_code"], 0, "{kind}: {output}");
+        assert!(
+            output["stderr"].as_str().unwrap().contains("PermissionError"),
+            "{kind}: {output}"
+        );
+    }
+    let mut buffer = [0u8; 8];
+    let received = receiver.recv(&mut buffer).map_err(|e| e.kind());
+    assert_eq!(
+        received,
+        Err(std::io::ErrorKind::WouldBlock),
+        "no datagram arrived"
+    );
+}
+
+#[test]
+fn confined_child_cannot_reach_host_shared_memory() {
+    let server = open_shell();
+    // A System V segment of the server's user on the host, made by a process
+    // outside the sandbox.
+    let key = 0x4150_0000 + std::process::id() % 0xffff;
+    let libc = "import ctypes; libc = ctypes.CDLL(None, use_errno=True)";
+    let host = |code: String| {
+        let output = std::process::Command::new("python3")
+            .args(["-c", &format!("{libc}; {code}")])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    };
+    let id = host(format!("print(libc.shmget({key}, 4096, 0o1600))"));
+    assert!(id.parse::<i64>().unwrap() >= 0, "segment {id}");
+
+    let script = format!("{libc}; print(libc.shmget({key}, 0, 0), ctypes.get_errno())");
+    let output = shell(&server, &format!("python3 -c '{script}'"), None);
+    host(format!("libc.shmctl({id}, 0, None)"));
+    // ENOENT: the child has an IPC namespace of its own.
+    assert_eq!(output["exit_code"], 0, "{output}");
+    assert_eq!(output["stdout"], "-1 2\n", "{output}");
 }
 
 #[test]

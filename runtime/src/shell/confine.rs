@@ -5,8 +5,9 @@
 //! The allowlist decides which program starts; this bounds what it does
 //! then. Between `fork` and `exec` the child joins its call's pids cgroup,
 //! if there is one. It moves into a new user namespace, with its own user
-//! and group ids mapped to themselves, and a new network namespace, which
-//! has only a loopback interface that is down. So no socket of any protocol
+//! and group ids mapped to themselves, a new IPC namespace, which hides the
+//! host's System V shared memory, semaphores and message queues, and a new
+//! network namespace, which has only a loopback interface that is down. So no socket of any protocol
 //! reaches the host's networks, and the capabilities of a child of a root
 //! server reach only the namespaces it owns. It marks every descriptor but
 //! stdin, stdout and stderr close-on-exec, and sets limits on CPU time,
@@ -17,7 +18,8 @@
 //! needs. The ruleset allows no TCP `connect` or `bind` at all, and no signal
 //! to a process or connection to an abstract Unix socket outside the child's
 //! domain. Last, it installs the seccomp filter of [`super::seccomp`], which
-//! refuses Unix sockets, whose paths Landlock does not cover, and io_uring.
+//! refuses Unix sockets that could reach a path, which Landlock does not
+//! cover, vsock and io_uring.
 
 use std::path::PathBuf;
 
@@ -118,16 +120,16 @@ impl NetworkNamespace {
         Ok((namespace, server_end))
     }
 
-    /// Moves the calling process into a new network namespace and, for a
+    /// Moves the calling process into new network and IPC namespaces and, for a
     /// child with network access, opens its proxy listener there. Runs
     /// between `fork` and `exec`, so it makes only system calls.
     fn enter(&self) -> nix::Result<()> {
         use nix::sched::{CloneFlags, unshare};
 
         match &self.id_maps {
-            None => unshare(CloneFlags::CLONE_NEWNET)?,
+            None => unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC)?,
             Some((uid_map, gid_map)) => {
-                unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)?;
+                unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC)?;
 
                 // The server is not dumpable, which makes its `/proc/self`
                 // files, and those of this fork, owned by root. The child is
@@ -365,7 +367,11 @@ impl Prepared {
         }
 
         // Last, so the steps above run without the filter.
-        #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+        #[cfg(all(
+            target_os = "linux",
+            target_endian = "little",
+            any(target_arch = "x86_64", target_arch = "aarch64")
+        ))]
         if let Err(e) = super::seccomp::install()
             && self.required
         {
