@@ -5,7 +5,10 @@
 //!   wasmtime embedding of the same component;
 //! - recording runs in the history database, one at a time and from 32 tasks;
 //! - signed runs over loopback HTTP at 1 and 32 connections, each request
-//!   signed afresh by the load generator;
+//!   signed afresh by the load generator, and at 1 connection again with
+//!   an idle-priority spinner on each core, which shows how much of the
+//!   latency is spent waking halted virtual CPUs; `GET /healthz` the same
+//!   two ways, as the floor of any request;
 //! - spawning `python3 -c 'print(1)'` per task, the design Apex replaces;
 //! - time to ready with 100 stored plugins, from cached compiled code and cold;
 //! - 1,000 concurrent runs waiting on a slow local HTTP server, with the
@@ -21,7 +24,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use apex::engine::{Engine, EngineSettings, RunRequest, RunStatus};
@@ -104,9 +107,18 @@ fn main() {
         server.upload("hello", &plugin("hello"));
         let one = runtime.block_on(http_load(&server.addr, 1, Duration::from_secs(4)));
         let many = runtime.block_on(http_load(&server.addr, 32, Duration::from_secs(4)));
+        let awake = {
+            let _cores = CoresAwake::start();
+            runtime.block_on(http_load(&server.addr, 1, Duration::from_secs(4)))
+        };
         println!(
-            "1 connection: {:.0} runs/s, p50 {:.0} µs; 32 connections: {:.0} runs/s, p50 {:.0} µs, p99 {:.0} µs",
-            one.rate, one.latency.median, many.rate, many.latency.median, many.latency.p99
+            "1 connection: {:.0} runs/s, p50 {:.0} µs (no core left to halt: p50 {:.0} µs); 32 connections: {:.0} runs/s, p50 {:.0} µs, p99 {:.0} µs",
+            one.rate,
+            one.latency.median,
+            awake.latency.median,
+            many.rate,
+            many.latency.median,
+            many.latency.p99
         );
         return;
     }
@@ -181,6 +193,29 @@ fn main() {
             one.rate, one.latency.median, one.latency.p99
         ),
         judged("p50 ≤ 200 µs", &[over(one.latency.median, 200.0, "p50")]),
+    ));
+    let (awake, health, health_awake) = {
+        let health = runtime.block_on(load(&server.addr, 1, Duration::from_secs(3), Ask::Health));
+        let _cores = CoresAwake::start();
+        let awake = runtime.block_on(http_load(&server.addr, 1, Duration::from_secs(5)));
+        let health_awake = runtime.block_on(load(&server.addr, 1, Duration::from_secs(3), Ask::Health));
+        (awake, health, health_awake)
+    };
+    rows.push(row(
+        "signed HTTP runs, 1 connection, no core left to halt (an idle-priority spinner per core)",
+        format!(
+            "p50 {:.0} µs, p99 {:.0} µs",
+            awake.latency.median, awake.latency.p99
+        ),
+        "diagnostic: the part of the 1-connection p50 spent waking halted virtual CPUs",
+    ));
+    rows.push(row(
+        "`GET /healthz`, 1 connection: no run, no signature",
+        format!(
+            "p50 {:.0} µs; with no core left to halt: p50 {:.0} µs",
+            health.latency.median, health_awake.latency.median
+        ),
+        "baseline",
     ));
     let pid = server.child.id();
     let (cpu_before, load_started) = (process_cpu_ticks(pid), Instant::now());
@@ -596,9 +631,23 @@ struct Load {
     latency: Stats,
 }
 
+/// What each request of a load asks for.
+#[derive(Clone, Copy)]
+enum Ask {
+    /// A signed, waiting run of `hello`.
+    Run,
+    /// The open `GET /healthz`, which does nothing else.
+    Health,
+}
+
 /// Sends signed runs of `hello` on `connections` keep-alive connections for
 /// `duration`, each request signed with a fresh nonce.
 async fn http_load(addr: &str, connections: usize, duration: Duration) -> Load {
+    load(addr, connections, duration, Ask::Run).await
+}
+
+/// Sends `ask` requests on `connections` keep-alive connections for `duration`.
+async fn load(addr: &str, connections: usize, duration: Duration, ask: Ask) -> Load {
     let body = br#"{"input":{"name":"Ada"}}"#;
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
@@ -610,7 +659,10 @@ async fn http_load(addr: &str, connections: usize, duration: Duration) -> Load {
             let mut samples = Vec::new();
             let mut buffer = Vec::with_capacity(4096);
             while Instant::now() < deadline {
-                let request = signed_request(&addr, "POST", "/v1/plugins/hello/run", body);
+                let request = match ask {
+                    Ask::Run => signed_request(&addr, "POST", "/v1/plugins/hello/run", body),
+                    Ask::Health => format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes(),
+                };
                 let started = Instant::now();
                 stream.write_all(&request).await.unwrap();
                 let status = read_response(&mut stream, &mut buffer).await;
@@ -629,6 +681,51 @@ async fn http_load(addr: &str, connections: usize, duration: Duration) -> Load {
     Load {
         rate: samples.len() as f64 / elapsed,
         latency: stats(samples),
+    }
+}
+
+/// Threads at idle priority (`SCHED_IDLE`), one on each core, which run only
+/// when no other thread wants the core. They take almost no time from the
+/// server or the load generator, but keep the cores from halting between
+/// requests, so no request waits for the hypervisor to wake a halted
+/// virtual CPU.
+struct CoresAwake {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CoresAwake {
+    fn start() -> CoresAwake {
+        let stop = Arc::new(AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (0..cores)
+            .map(|core| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut cpus = nix::sched::CpuSet::new();
+                    cpus.set(core).unwrap();
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+                    let idle = nix::libc::sched_param { sched_priority: 0 };
+                    // SAFETY: the call reads `idle` only, and applies to this thread.
+                    #[allow(unsafe_code)]
+                    let result = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_IDLE, &idle) };
+                    assert_eq!(result, 0, "SCHED_IDLE: {}", std::io::Error::last_os_error());
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        CoresAwake { stop, threads }
+    }
+}
+
+impl Drop for CoresAwake {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
     }
 }
 
