@@ -569,3 +569,68 @@ fn file_denials_recorded_and_audited() {
         .count();
     assert_eq!(audited, 3);
 }
+
+/// Starts Apex with the probe and a write budget of 1 MiB per run.
+fn server_with_write_budget() -> TestServer {
+    let server = TestServer::start_with(Setup {
+        policy: "paths_allow:\n  - {WORK}\nlimits: {write_mib: 1}\n".into(),
+    });
+    server.upload_plugin("probe");
+    server
+}
+
+/// Returns the run's denials that name the write budget.
+fn budget_denials(result: &Value) -> Vec<Value> {
+    result["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["capability"] == "file" && d["reason"].as_str().unwrap().contains("limits.write_mib"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn write_budget_stops_filling_disk() {
+    let server = server_with_write_budget();
+    let path = server.work().join("big.bin");
+    let result = probe(&server, json!({ "op": "fill", "path": path, "bytes": 4 << 20 }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+
+    // Writes fail once the task has written its 1 MiB, less the block its
+    // file cost. Through a stream, wasi-libc reports this failure as EIO.
+    let written = result["output"]["written"].as_u64().unwrap();
+    assert!(written <= (1 << 20) - 4096, "{result}");
+    assert!(written >= 1 << 19, "{result}");
+    let error = result["output"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("I/O error"), "{result}");
+    assert!(std::fs::metadata(&path).unwrap().len() <= 1 << 20);
+
+    // One denial however often the task retries, and it is audited.
+    assert_eq!(budget_denials(&result).len(), 1, "{result}");
+    let audit = server
+        .send(&Request::new("GET", "/v1/audit?kind=policy_denial", "").signed())
+        .json();
+    assert!(audit.to_string().contains("limits.write_mib"), "{audit}");
+
+    // The budget belongs to one run: the next one may write again.
+    let next = probe(
+        &server,
+        json!({ "op": "fill", "path": server.work().join("next.bin"), "bytes": 256 << 10 }),
+    );
+    assert_eq!(next["output"]["written"], 256 << 10, "{next}");
+    assert_eq!(next["output"]["error"], Value::Null, "{next}");
+}
+
+#[test]
+fn write_budget_counts_created_files() {
+    let server = server_with_write_budget();
+    // Each file costs a 4 KiB block, so 1 MiB allows 256 of them.
+    let prefix = server.work().join("empty-");
+    let result = probe(&server, json!({ "op": "touch", "path": prefix, "count": 1000 }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["output"]["created"], 256, "{result}");
+    let error = result["output"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("No space left"), "{result}");
+    assert_eq!(budget_denials(&result).len(), 1, "{result}");
+}

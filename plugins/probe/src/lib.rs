@@ -7,6 +7,10 @@
 //! - `sleep` `{"ms": N}`: waits in a host call.
 //! - `alloc` `{"mib": N}`: allocates and touches N MiB.
 //! - `read` `{"path": P}`, `write` `{"path": P, "text": T}`, `list` `{"path": P}`.
+//! - `fill` `{"path": P, "bytes": N}`: writes N bytes to file P in 64 KiB
+//!   pieces, stopping at the first error; returns the bytes written and it.
+//! - `touch` `{"path": P, "count": N}`: creates N empty files named P0, P1...,
+//!   stopping at the first error; returns the files created and it.
 //! - `env`: returns the task's environment variables.
 //! - `connect` `{"addr": "HOST:PORT"}`: opens a TCP connection.
 //! - `resolve` `{"host": NAME}`: looks a name up.
@@ -49,6 +53,7 @@ struct Input {
     message: Option<String>,
     seed: Option<u64>,
     length: Option<u64>,
+    count: Option<u64>,
 }
 
 /// Length of the pattern `stain` writes.
@@ -172,6 +177,41 @@ impl Guest for Probe {
                 let text = required(input.text, "text")?;
                 std::fs::write(&path, text).map_err(|e| format!("write {path}: {e}"))?;
                 Ok("\"written\"".to_string())
+            }
+            "fill" => {
+                let path = required(input.path, "path")?;
+                let total = required(input.bytes, "bytes")?;
+                let mut file = std::fs::File::create(&path).map_err(|e| format!("create {path}: {e}"))?;
+                let piece = vec![b'f'; 64 << 10];
+                let mut written = 0;
+                let mut error = None;
+                while written < total {
+                    let length = piece.len().min(total - written);
+                    match file.write_all(&piece[..length]) {
+                        Ok(()) => written += length,
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                Ok(serde_json::json!({ "written": written, "error": error }).to_string())
+            }
+            "touch" => {
+                let path = required(input.path, "path")?;
+                let count = required(input.count, "count")?;
+                let mut created = 0;
+                let mut error = None;
+                for index in 0..count {
+                    match std::fs::File::create(format!("{path}{index}")) {
+                        Ok(_) => created += 1,
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                Ok(serde_json::json!({ "created": created, "error": error }).to_string())
             }
             "list" => {
                 let path = required(input.path, "path")?;

@@ -19,26 +19,37 @@ use wasmtime_wasi::p2::bindings::filesystem::types::{
     PathFlags,
 };
 
-use super::RunState;
+use super::{RunState, writes};
 use crate::decision::Decision;
 
 /// The interface whose `open-at` is wrapped; the WASI version the linker
 /// provides.
-const FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
+pub(super) const FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
 
 /// Wraps one path operation of a descriptor: calls the stock implementation
 /// and records a denial when it fails with one. `$path` names the argument
 /// that is recorded, and `$writes` whether the operation changes the tree.
 macro_rules! wrap_path_operation {
     ($instance:ident, $name:literal, $method:ident, ($($arg:ident: $ty:ty),*), $result:ty, $path:ident, $writes:expr) => {
+        wrap_path_operation!($instance, $name, $method, ($($arg: $ty),*), $result, $path, $writes, false)
+    };
+    ($instance:ident, $name:literal, $method:ident, ($($arg:ident: $ty:ty),*), $result:ty, $path:ident, $writes:expr, $creates:expr) => {
         $instance.func_wrap_async($name, |mut store, ($($arg,)*): ($($ty,)*)| {
             Box::new(async move {
                 let state = store.data_mut();
                 let path = $path.clone();
+                // A creation costs a block of the write budget, given back
+                // when it fails.
+                if $creates && let Err(code) = writes::charge(state, writes::BLOCK, &path) {
+                    return Ok((Err(code),));
+                }
                 let result: Result<$result, _> = HostDescriptor::$method(&mut state.filesystem(), $($arg),*).await;
                 match result {
                     Ok(value) => Ok((Ok(value),)),
                     Err(error) => {
+                        if $creates {
+                            state.writes.give_back(writes::BLOCK);
+                        }
                         let code = error.downcast()?;
                         record_denial(state, code, &path, $writes);
                         Ok((Err(code),))
@@ -93,6 +104,13 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                     );
                     return Ok((Err(ErrorCode::Access),));
                 }
+                // Creating a file costs a block of the write budget, given
+                // back when the open fails. Opening an existing file with
+                // `create` costs the same, since the task asked to create.
+                let creates = open_flags.contains(OpenFlags::CREATE);
+                if creates && let Err(code) = writes::charge(state, writes::BLOCK, &path) {
+                    return Ok((Err(code),));
+                }
                 let result = HostDescriptor::open_at(
                     &mut state.filesystem(),
                     fd,
@@ -105,6 +123,9 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                 match result {
                     Ok(descriptor) => Ok((Ok(descriptor),)),
                     Err(error) => {
+                        if creates {
+                            state.writes.give_back(writes::BLOCK);
+                        }
                         let code = error.downcast()?;
                         let writes = flags.contains(DescriptorFlags::WRITE)
                             || flags.contains(DescriptorFlags::MUTATE_DIRECTORY);
@@ -122,7 +143,7 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
     wrap_path_operation!(instance, "[method]descriptor.readlink-at", readlink_at,
         (fd: Fd, path: String), String, path, false);
     wrap_path_operation!(instance, "[method]descriptor.create-directory-at", create_directory_at,
-        (fd: Fd, path: String), (), path, true);
+        (fd: Fd, path: String), (), path, true, true);
     wrap_path_operation!(instance, "[method]descriptor.remove-directory-at", remove_directory_at,
         (fd: Fd, path: String), (), path, true);
     wrap_path_operation!(instance, "[method]descriptor.unlink-file-at", unlink_file_at,
@@ -130,9 +151,9 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
     wrap_path_operation!(instance, "[method]descriptor.rename-at", rename_at,
         (fd: Fd, old_path: String, new_fd: Fd, new_path: String), (), new_path, true);
     wrap_path_operation!(instance, "[method]descriptor.symlink-at", symlink_at,
-        (fd: Fd, target: String, path: String), (), path, true);
+        (fd: Fd, target: String, path: String), (), path, true, true);
     wrap_path_operation!(instance, "[method]descriptor.link-at", link_at,
-        (fd: Fd, flags: PathFlags, old_path: String, new_fd: Fd, new_path: String), (), new_path, true);
+        (fd: Fd, flags: PathFlags, old_path: String, new_fd: Fd, new_path: String), (), new_path, true, true);
 
     linker.allow_shadowing(false);
     Ok(())
@@ -157,7 +178,13 @@ fn record_denial(state: &mut RunState, code: ErrorCode, path: &str, writes: bool
 
 /// Records a file denial in the run, and logs it once.
 fn record(state: &mut RunState, path: &str, reason: String) {
-    let recorded = state.decisions.push(Decision {
+    record_denial_reason(&state.decisions, path, reason);
+}
+
+/// Records a file denial in `decisions`, and logs it unless the run already
+/// has too many decisions.
+pub(super) fn record_denial_reason(decisions: &crate::decision::Decisions, path: &str, reason: String) {
+    let recorded = decisions.push(Decision {
         capability: "file",
         target: crate::truncate_text(path, 300),
         allowed: false,

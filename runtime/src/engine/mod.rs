@@ -10,6 +10,7 @@ mod files;
 mod limiter;
 mod output;
 mod pool;
+mod writes;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,6 +213,7 @@ pub struct RunState {
     decisions: Decisions,
     table: ResourceTable,
     limiter: RunLimiter,
+    writes: Arc<writes::WriteBudget>,
 }
 
 impl WasiHttpView for RunState {
@@ -293,6 +295,7 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         files::wrap_open_at(&mut linker)?;
+        writes::wrap_writes(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         crate::shell::add_to_linker(&mut linker, |state: &mut RunState| &mut state.shell)?;
         wasmtime_wasi_config::add_to_linker(&mut linker, |state: &mut RunState| {
@@ -488,6 +491,7 @@ impl Engine {
             decisions: decisions.clone(),
             table: ResourceTable::new(),
             limiter: RunLimiter::new(policy.limits.memory_bytes),
+            writes: writes::WriteBudget::new(policy.limits.write_bytes as u64),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);

@@ -109,6 +109,8 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Maximum body of one outgoing HTTP response, in bytes (`response_mib`).
     pub response_bytes: usize,
+    /// Bytes one run may write to files, in bytes (`write_mib`).
+    pub write_bytes: usize,
     /// Most shell children running at once, over all runs (`max_shell_processes`).
     pub max_shell_processes: usize,
     /// Maximum stdout, and separately stderr, kept per shell call, in bytes (`shell_output_kib`).
@@ -177,6 +179,7 @@ const DEFAULT_UPLOAD_MIB: u64 = 64;
 const DEFAULT_INPUT_KIB: u64 = 1024;
 const DEFAULT_OUTPUT_KIB: u64 = 1024;
 const DEFAULT_RESPONSE_MIB: u64 = 16;
+const DEFAULT_WRITE_MIB: u64 = 1024;
 const DEFAULT_SHELL_PROCESSES: u64 = 4;
 const DEFAULT_CONCURRENT_RUNS: u64 = 64;
 const DEFAULT_QUEUED_RUNS: u64 = 256;
@@ -192,6 +195,7 @@ const MAX_UPLOAD_MIB: u64 = 1024;
 const MAX_INPUT_KIB: u64 = 64 * 1024;
 const MAX_OUTPUT_KIB: u64 = 64 * 1024;
 const MAX_RESPONSE_MIB: u64 = 1024;
+const MAX_WRITE_MIB: u64 = 1 << 20;
 const MAX_SHELL_PROCESSES: u64 = 256;
 const MAX_CONCURRENT_RUNS: u64 = 4096;
 const MAX_QUEUED_RUNS: u64 = 100_000;
@@ -418,6 +422,7 @@ struct RawLimits {
     input_kib: Option<u64>,
     output_kib: Option<u64>,
     response_mib: Option<u64>,
+    write_mib: Option<u64>,
     max_shell_processes: Option<u64>,
     shell_output_kib: Option<u64>,
     max_concurrent_runs: Option<u64>,
@@ -627,12 +632,13 @@ impl Policy {
         ));
         let l = &self.limits;
         out.push_str(&format!(
-            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, shell output {} KiB per stream, {} shell processes at once, {} runs at once and {} queued, {} client connections\n",
+            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, file writes {} MiB per run, shell output {} KiB per stream, {} shell processes at once, {} runs at once and {} queued, {} client connections\n",
             l.memory_bytes >> 20,
             l.upload_bytes >> 20,
             l.input_bytes >> 10,
             l.output_bytes >> 10,
             l.response_bytes >> 20,
+            l.write_bytes >> 20,
             l.shell_output_bytes >> 10,
             l.max_shell_processes,
             l.max_concurrent_runs,
@@ -1060,6 +1066,12 @@ impl Checker<'_> {
                 raw.response_mib,
                 DEFAULT_RESPONSE_MIB,
                 MAX_RESPONSE_MIB,
+            )?,
+            write_bytes: mib(
+                "limits.write_mib",
+                raw.write_mib,
+                DEFAULT_WRITE_MIB,
+                MAX_WRITE_MIB,
             )?,
             shell_output_bytes: kib(
                 "limits.shell_output_kib",

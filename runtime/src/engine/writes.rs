@@ -1,0 +1,316 @@
+//! The write budget of a run: how many bytes a task may write to files.
+//!
+//! wasmtime-wasi has no quota, so without one a task could fill the disk
+//! under its read-write directories until its deadline. So the host wraps
+//! the descriptor calls that write: `write`, `write-via-stream` and
+//! `append-via-stream`, whose streams count each write as it happens. It
+//! also charges [`BLOCK`] bytes for each file, directory or link a task
+//! creates. Once the
+//! budget is spent, the run records one `file` denial, and writes fail as on
+//! a full disk: calls with `insufficient-space`, streams with an I/O error
+//! whose code is `insufficient-space` (wasi-libc reports it as `EIO`).
+//!
+//! The budget counts bytes written, not bytes on disk: writing the same
+//! range twice costs twice, and growing a file with `set-size`, which leaves
+//! it sparse, costs nothing until the task writes there.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use wasmtime::component::{Linker, Resource};
+use wasmtime_wasi::filesystem::WasiFilesystemView;
+use wasmtime_wasi::p2::bindings::filesystem::types::{Descriptor, ErrorCode, Filesize, HostDescriptor};
+use wasmtime_wasi::p2::{DynOutputStream, OutputStream, Pollable, StreamError, StreamResult};
+
+use super::RunState;
+use super::files::FILESYSTEM_TYPES;
+
+/// Bytes charged for creating a file, directory or link: one block of a
+/// typical file system.
+pub const BLOCK: u64 = 4096;
+
+/// Bytes a run may still write, shared by its descriptors and streams.
+#[derive(Debug)]
+pub struct WriteBudget {
+    remaining: AtomicU64,
+    limit: u64,
+    /// Whether the denial was recorded, so a task that keeps writing adds
+    /// one decision, not one per call.
+    reported: AtomicBool,
+}
+
+impl WriteBudget {
+    /// Creates a budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<WriteBudget> {
+        Arc::new(WriteBudget {
+            remaining: AtomicU64::new(limit),
+            limit,
+            reported: AtomicBool::new(false),
+        })
+    }
+
+    /// Takes `bytes` from the budget; returns false, taking nothing, when
+    /// fewer are left.
+    pub fn take(&self, bytes: u64) -> bool {
+        self.remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(bytes)
+            })
+            .is_ok()
+    }
+
+    /// Returns `bytes` taken earlier for a call that did not use them.
+    pub fn give_back(&self, bytes: u64) {
+        self.remaining.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes left.
+    pub fn remaining(&self) -> u64 {
+        self.remaining.load(Ordering::Relaxed)
+    }
+
+    /// Returns true the first time it is called: the caller then records
+    /// the denial.
+    fn first_refusal(&self) -> bool {
+        !self.reported.swap(true, Ordering::Relaxed)
+    }
+
+    /// Returns the reason recorded with the denial.
+    fn reason(&self) -> String {
+        format!(
+            "the run used up its write budget of {} MiB (limits.write_mib)",
+            self.limit >> 20
+        )
+    }
+}
+
+/// Returns the error a write past the budget fails with: `insufficient-space`.
+fn no_space() -> std::io::Error {
+    #[cfg(unix)]
+    {
+        std::io::Error::from_raw_os_error(nix::libc::ENOSPC)
+    }
+    #[cfg(not(unix))]
+    {
+        std::io::Error::from(std::io::ErrorKind::StorageFull)
+    }
+}
+
+/// Records the denial of a write past the budget, once per run.
+pub fn record_refusal(state: &RunState, target: &str) {
+    if state.writes.first_refusal() {
+        super::files::record_denial_reason(&state.decisions, target, state.writes.reason());
+    }
+}
+
+/// Charges `bytes` for a write or a creation at `target`; on refusal,
+/// records it and returns the error code for the task.
+pub fn charge(state: &RunState, bytes: u64, target: &str) -> Result<(), ErrorCode> {
+    if state.writes.take(bytes) {
+        return Ok(());
+    }
+    record_refusal(state, target);
+    Err(ErrorCode::InsufficientSpace)
+}
+
+/// An output stream to a file that charges the run's budget for every byte.
+struct BudgetedStream {
+    inner: DynOutputStream,
+    budget: Arc<WriteBudget>,
+    /// The run's decisions, for the one denial.
+    decisions: crate::decision::Decisions,
+}
+
+impl BudgetedStream {
+    fn charge(&mut self, bytes: usize) -> StreamResult<()> {
+        if self.budget.take(bytes as u64) {
+            return Ok(());
+        }
+        self.refuse()
+    }
+
+    fn refuse(&mut self) -> StreamResult<()> {
+        if self.budget.first_refusal() {
+            super::files::record_denial_reason(&self.decisions, "a file stream", self.budget.reason());
+        }
+        Err(StreamError::LastOperationFailed(no_space().into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for BudgetedStream {
+    async fn ready(&mut self) {
+        self.inner.ready().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputStream for BudgetedStream {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.charge(bytes.len())?;
+        self.inner.write(bytes)
+    }
+
+    async fn blocking_write_and_flush(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.charge(bytes.len())?;
+        self.inner.blocking_write_and_flush(bytes).await
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        self.inner.flush()
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        let left = self.budget.remaining();
+        if left == 0 {
+            // A permit of 0 would make the task wait for readiness forever.
+            self.refuse()?;
+        }
+        let permitted = self.inner.check_write()?;
+        Ok(permitted.min(usize::try_from(left).unwrap_or(usize::MAX)))
+    }
+
+    async fn cancel(&mut self) {
+        self.inner.cancel().await;
+    }
+}
+
+/// Replaces the descriptor calls that write file contents with versions that
+/// charge the run's write budget.
+///
+/// # Errors
+///
+/// Fails when the interface is missing from the linker.
+pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut instance = linker.instance(FILESYSTEM_TYPES)?;
+
+    instance.func_wrap_async(
+        "[method]descriptor.write",
+        |mut store, (fd, buffer, offset): (Resource<Descriptor>, Vec<u8>, Filesize)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let length = buffer.len() as u64;
+                if let Err(code) = charge(state, length, "a file") {
+                    return Ok((Err(code),));
+                }
+                let result = HostDescriptor::write(&mut state.filesystem(), fd, buffer, offset).await;
+                match result {
+                    Ok(written) => {
+                        // Bytes the call did not write go back to the budget.
+                        state.writes.give_back(length.saturating_sub(written));
+                        Ok((Ok(written),))
+                    }
+                    Err(error) => {
+                        state.writes.give_back(length);
+                        Ok((Err(error.downcast()?),))
+                    }
+                }
+            })
+        },
+    )?;
+
+    instance.func_wrap(
+        "[method]descriptor.write-via-stream",
+        |mut store, (fd, offset): (Resource<Descriptor>, Filesize)| {
+            let state = store.data_mut();
+            let stream = HostDescriptor::write_via_stream(&mut state.filesystem(), fd, offset);
+            budgeted(state, stream)
+        },
+    )?;
+    instance.func_wrap(
+        "[method]descriptor.append-via-stream",
+        |mut store, (fd,): (Resource<Descriptor>,)| {
+            let state = store.data_mut();
+            let stream = HostDescriptor::append_via_stream(&mut state.filesystem(), fd);
+            budgeted(state, stream)
+        },
+    )?;
+
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Puts a stream the stock implementation opened behind the run's budget.
+fn budgeted(
+    state: &mut RunState,
+    opened: wasmtime_wasi::p2::FsResult<Resource<DynOutputStream>>,
+) -> wasmtime::Result<(Result<Resource<DynOutputStream>, ErrorCode>,)> {
+    let stream = match opened {
+        Ok(stream) => stream,
+        Err(error) => return Ok((Err(error.downcast()?),)),
+    };
+    let inner = state.table.delete(stream)?;
+    let wrapped: DynOutputStream = Box::new(BudgetedStream {
+        inner,
+        budget: state.writes.clone(),
+        decisions: state.decisions.clone(),
+    });
+    Ok((Ok(state.table.push(wrapped)?),))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+    use wasmtime_wasi::p2::{OutputStream, StreamError};
+
+    use super::{BudgetedStream, WriteBudget};
+
+    fn stream(limit: u64) -> (BudgetedStream, MemoryOutputPipe) {
+        let pipe = MemoryOutputPipe::new(1 << 20);
+        let stream = BudgetedStream {
+            inner: Box::new(pipe.clone()),
+            budget: WriteBudget::new(limit),
+            decisions: Default::default(),
+        };
+        (stream, pipe)
+    }
+
+    #[test]
+    fn stream_permits_no_more_than_budget() {
+        let (mut stream, pipe) = stream(10);
+        assert_eq!(stream.check_write().unwrap(), 10);
+        stream.write(Bytes::from_static(b"123456")).unwrap();
+        assert_eq!(stream.check_write().unwrap(), 4);
+        let refused = stream.write(Bytes::from_static(b"12345"));
+        assert!(matches!(refused, Err(StreamError::LastOperationFailed(_))));
+        assert_eq!(
+            pipe.contents().as_ref(),
+            b"123456",
+            "the refused bytes were not written"
+        );
+    }
+
+    #[test]
+    fn spent_stream_refuses_instead_of_waiting() {
+        let (mut stream, _pipe) = stream(3);
+        stream.write(Bytes::from_static(b"abc")).unwrap();
+        // A permit of 0 would leave the task polling forever.
+        assert!(matches!(
+            stream.check_write(),
+            Err(StreamError::LastOperationFailed(_))
+        ));
+        let decisions = stream.decisions.snapshot();
+        assert_eq!(decisions.len(), 1);
+        assert!(decisions[0].reason.contains("limits.write_mib"), "{decisions:?}");
+    }
+
+    #[test]
+    fn budget_takes_whole_amounts_only() {
+        let budget = WriteBudget::new(10);
+        assert!(budget.take(6));
+        assert!(!budget.take(5), "only 4 are left");
+        assert_eq!(budget.remaining(), 4);
+        assert!(budget.take(4));
+        assert!(!budget.take(1));
+    }
+
+    #[test]
+    fn refusal_reported_once() {
+        let budget = WriteBudget::new(0);
+        assert!(budget.first_refusal());
+        assert!(!budget.first_refusal());
+    }
+}
