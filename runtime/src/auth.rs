@@ -97,15 +97,22 @@ pub enum AuthError {
     InvalidTimestamp,
     /// `X-TS` is too far from the server clock.
     #[error(
-        "stale X-TS: {skew} s from the server clock, more than the {TOLERANCE_SECONDS} s allowed; check the client clock"
+        "stale X-TS: {skew} s {} the server clock, more than the {TOLERANCE_SECONDS} s allowed; {}",
+        if *.ahead { "ahead of" } else { "behind" },
+        stale_hint(*.skew, *.ahead)
     )]
     StaleTimestamp {
         /// Difference from the server clock, in seconds.
         skew: u64,
+        /// Whether `X-TS` is later than the server clock.
+        ahead: bool,
     },
     /// `X-Nonce` is too long or not printable ASCII.
     #[error("invalid X-Nonce: use at most {MAX_NONCE_BYTES} printable ASCII characters")]
     InvalidNonce,
+    /// `X-SIG` is not 64 lowercase hex characters.
+    #[error("invalid X-SIG: expected the HMAC-SHA256 as 64 lowercase hex characters")]
+    InvalidSignature,
     /// `X-SIG` does not match the request.
     #[error(
         "bad signature: X-SIG does not match the request (timestamp, method, target, nonce and body are signed)"
@@ -141,6 +148,7 @@ impl AuthError {
             AuthError::InvalidTimestamp => "invalid_timestamp",
             AuthError::StaleTimestamp { .. } => "stale_timestamp",
             AuthError::InvalidNonce => "invalid_nonce",
+            AuthError::InvalidSignature => "invalid_signature",
             AuthError::BadSignature => "bad_signature",
             AuthError::Replay => "replay",
             AuthError::BeforeStart => "timestamp_before_start",
@@ -228,7 +236,10 @@ impl Verifier {
         let ts = parse_timestamp(ts)?;
         let skew = ts.abs_diff(now);
         if skew > TOLERANCE_SECONDS {
-            return Err(AuthError::StaleTimestamp { skew });
+            return Err(AuthError::StaleTimestamp {
+                skew,
+                ahead: ts > now,
+            });
         }
         if ts < self.not_before {
             return Err(AuthError::BeforeStart);
@@ -345,11 +356,22 @@ impl ReplayCache {
 /// Decodes a signature of exactly 64 lowercase hex characters.
 fn decode_signature(value: &str) -> Result<[u8; 32], AuthError> {
     if value.len() != 64 || !value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(AuthError::BadSignature);
+        return Err(AuthError::InvalidSignature);
     }
     let mut out = [0u8; 32];
-    hex::decode_to_slice(value, &mut out).map_err(|_| AuthError::BadSignature)?;
+    hex::decode_to_slice(value, &mut out).map_err(|_| AuthError::InvalidSignature)?;
     Ok(out)
+}
+
+/// Returns what to check for a timestamp `skew` seconds off the server
+/// clock: a timestamp in milliseconds is about a thousand times now.
+fn stale_hint(skew: u64, ahead: bool) -> &'static str {
+    // Unix time in milliseconds has been over 10^12 since 2001.
+    if ahead && skew > 1_000_000_000_000 / 2 {
+        "X-TS is in whole seconds, not milliseconds"
+    } else {
+        "check the client clock"
+    }
 }
 
 #[cfg(test)]
@@ -483,11 +505,11 @@ mod tests {
         let upper = sig.to_ascii_uppercase();
         assert_eq!(
             verifier.verify(&request(ts, &upper, ""), 1_800_000_000),
-            Err(AuthError::BadSignature)
+            Err(AuthError::InvalidSignature)
         );
         assert_eq!(
             verifier.verify(&request(ts, &sig[..63], ""), 1_800_000_000),
-            Err(AuthError::BadSignature)
+            Err(AuthError::InvalidSignature)
         );
         assert_eq!(
             verifier.verify(&request(ts, &sig, ""), 1_800_000_000).map(|_| ()),

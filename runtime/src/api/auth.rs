@@ -354,7 +354,7 @@ fn headers(headers: &HeaderMap) -> Result<(&str, &str, &str, &str), AuthError> {
 
     // A value that is not visible ASCII cannot be one the client signed.
     let ts = ts.to_str().map_err(|_| AuthError::InvalidTimestamp)?;
-    let signature = signature.to_str().map_err(|_| AuthError::BadSignature)?;
+    let signature = signature.to_str().map_err(|_| AuthError::InvalidSignature)?;
     let nonce = match single(headers, HEADER_NONCE, "X-Nonce")? {
         Some(value) => value.to_str().map_err(|_| AuthError::InvalidNonce)?,
         None => "",

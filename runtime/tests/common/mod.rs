@@ -79,6 +79,14 @@ impl Response {
             .unwrap_or_default()
             .to_string()
     }
+
+    /// Returns the `error.message` of an error body.
+    pub fn error_message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
 }
 
 /// A request to send, with full control over the signed parts.
