@@ -11,6 +11,23 @@ use serde_json::Value;
 
 use crate::history::History;
 
+/// Every kind of audit event, for `GET /v1/audit?kind=` to check against.
+pub const AUDIT_KINDS: [&str; 13] = [
+    "auth_failure",
+    "auth_throttled",
+    "ip_denial",
+    "scope_denial",
+    "policy_denial",
+    "policy_load",
+    "keys_load",
+    "keys_load_failed",
+    "plugin_upload",
+    "plugin_delete",
+    "run_cancel",
+    "server_start",
+    "server_stop",
+];
+
 /// Records audit events.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -26,7 +43,11 @@ impl AuditLog {
     /// Appends one event of `kind` with `fields`, a JSON object. A failed
     /// write is logged by the history writer, never returned, so auditing
     /// cannot take the API down.
-    pub fn record(&self, kind: &str, fields: Value) {
+    pub fn record(&self, kind: &'static str, fields: Value) {
+        debug_assert!(
+            AUDIT_KINDS.contains(&kind),
+            "audit kind {kind} is not in AUDIT_KINDS"
+        );
         self.history.audit(kind, fields);
     }
 }

@@ -525,6 +525,24 @@ fn audit_records_every_kind() {
 }
 
 #[test]
+fn filters_with_unknown_values_rejected() {
+    let server = TestServer::start();
+    // An unknown kind would match nothing, which looks like no events.
+    let response = server.send(&Request::new("GET", "/v1/audit?kind=cancel", "").signed());
+    assert_eq!(response.status, 400);
+    assert_eq!(response.error_code(), "invalid_query");
+    assert!(
+        response.error_message().contains("run_cancel"),
+        "{}",
+        response.error_message()
+    );
+
+    let response = server.send(&Request::new("GET", "/v1/runs?plugin=BAD!", "").signed());
+    assert_eq!(response.status, 400);
+    assert_eq!(response.error_code(), "invalid_name");
+}
+
+#[test]
 fn retention_prunes_old_history() {
     let mut server = TestServer::start_with(Setup {
         policy: "retention: {runs_days: 1, audit_days: 1}\n".into(),

@@ -575,6 +575,9 @@ pub(super) async fn list_runs(
             format!("status {status:?} is not one of {}", RUN_STATUSES.join(", ")),
         ));
     }
+    if let Some(plugin) = params.get("plugin") {
+        check_name(plugin)?;
+    }
     let query = RunQuery {
         plugin: params.get("plugin").cloned(),
         status: params.get("status").cloned(),
@@ -640,6 +643,17 @@ pub(super) async fn list_audit(
 ) -> Result<Json<Value>, ApiError> {
     check_query_keys(&params, &["since", "kind", "limit"])?;
     let limit = page_size(&params)?;
+    if let Some(kind) = params.get("kind")
+        && !crate::audit::AUDIT_KINDS.contains(&kind.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "kind {kind:?} is not one of {}",
+                crate::audit::AUDIT_KINDS.join(", ")
+            ),
+        ));
+    }
     let since = match params.get("since") {
         None => None,
         Some(text) => Some(text.parse::<i64>().map_err(|_| {
