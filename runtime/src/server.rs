@@ -147,6 +147,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     if let Err(e) = crate::keys::check_private(&policy.source, "the policy file") {
         tracing::warn!("{e}");
     }
+    // Bound early, so a bad address also leaves nothing behind.
+    let listener = listen(&options.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (--listen takes a free address of this machine, such as 127.0.0.1:8080)",
+            options.listen
+        )
+    })?;
     create_private_dir(&options.data)
         .with_context(|| format!("cannot use data directory {}", options.data.display()))?;
     let data = options.data.canonicalize()?;
@@ -200,12 +207,6 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let audit = AuditLog::new(history.clone());
     let registry = Registry::load(engine.clone(), store).await?;
 
-    let listener = listen(&options.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {} (--listen takes a free address of this machine, such as 127.0.0.1:8080)",
-            options.listen
-        )
-    })?;
     let local = listener.local_addr()?;
     let tls = match (&options.tls_cert, &options.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),

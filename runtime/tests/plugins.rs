@@ -98,6 +98,13 @@ fn list_show_and_delete() {
     let delete = server.send(&Request::new("DELETE", "/v1/plugins/hello", "").signed());
     assert_eq!(delete.status, 200);
     assert_eq!(delete.json()["deleted"], "hello");
+    // Deleting again points to the list, not to an upload.
+    let again = server.send(&Request::new("DELETE", "/v1/plugins/hello", "").signed());
+    assert!(
+        again.error_message().contains("nothing to delete"),
+        "{}",
+        again.error_message()
+    );
 
     for (method, target) in [
         ("GET", "/v1/plugins/hello"),
@@ -163,7 +170,16 @@ fn invalid_names_rejected() {
 #[test]
 fn garbage_upload_rejected() {
     let server = TestServer::start();
-    for body in [&b""[..], b"hello", b"\0asm", b"\x7fELF\x02\x01\x01\0\0\0\0\0"] {
+    let response = server.upload("junk", b"");
+    assert_eq!(response.status, 400);
+    assert_eq!(response.error_code(), "invalid_component");
+    assert!(
+        response.error_message().contains("the upload is empty"),
+        "{}",
+        response.error_message()
+    );
+
+    for body in [&b"hello"[..], b"\0asm", b"\x7fELF\x02\x01\x01\0\0\0\0\0"] {
         let response = server.upload("junk", body);
         assert_eq!(response.status, 400, "{body:?}");
         assert_eq!(response.error_code(), "invalid_component");
@@ -672,6 +688,8 @@ fn busy_or_invalid_listen_address_rejected() {
         );
         assert!(stderr.contains("such as 127.0.0.1:8080"), "{stderr}");
         assert!(stderr.contains(cause), "{stderr}");
+        // The address is checked before anything is created.
+        assert!(!dir.path().join("data").exists(), "{address}");
     }
 }
 

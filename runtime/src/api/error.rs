@@ -39,6 +39,17 @@ impl ApiError {
         )
     }
 
+    /// 404 for deleting a plugin that is not there.
+    pub fn no_plugin_to_delete(name: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "plugin_not_found",
+            format!(
+                "plugin {name:?} not found, so there is nothing to delete; GET /v1/plugins lists the plugins"
+            ),
+        )
+    }
+
     /// 500 for a host failure; the detail goes to the log, not to the client.
     pub fn internal(context: &str, error: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %error, "{context}");

@@ -228,7 +228,7 @@ async fn delete_plugin(
         .delete(&name)
         .await
         .map_err(|e| ApiError::internal("cannot delete the plugin", e))?
-        .ok_or_else(|| ApiError::plugin_not_found(&name))?;
+        .ok_or_else(|| ApiError::no_plugin_to_delete(&name))?;
 
     tracing::info!(plugin = %name, "deleted plugin");
     state.audit.record(

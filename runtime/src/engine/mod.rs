@@ -47,6 +47,9 @@ const COMMAND_EXPORT_PREFIX: &str = "wasi:cli/run@0.2";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CompileError {
+    /// The upload has no bytes.
+    #[error("the upload is empty: send the component's bytes as the request body")]
+    Empty,
     /// The bytes are not WebAssembly at all.
     #[error("not a WebAssembly binary: the upload must start with the `\\0asm` magic bytes")]
     NotWasm,
@@ -646,6 +649,9 @@ fn build_wasi(
 /// Tells a component from a core module by the header, and rejects bytes that
 /// are neither before wasmtime parses them, so the mistake gets a clear message.
 fn check_header(bytes: &[u8]) -> Result<SourceFormat, CompileError> {
+    if bytes.is_empty() {
+        return Err(CompileError::Empty);
+    }
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(CompileError::NotWasm);
     }

@@ -1314,9 +1314,6 @@ impl Checker<'_> {
     }
 }
 
-/// Returns `path` made absolute, and for each of its ancestors that exists,
-/// the ancestor's resolved location joined with the rest of the path. Every
-/// location a symlink along `path` leads to is in the list.
 /// Replaces the Rust type names in a serde message with what the policy
 /// file should contain.
 fn plain_serde_message(message: &str) -> String {
@@ -1326,11 +1323,14 @@ fn plain_serde_message(message: &str) -> String {
             "expected a mapping of policy keys such as shell_allow and paths_allow",
         )
         .replace("expected struct ", "expected a mapping for ")
-        .replace("expected u64", "expected a whole number of 0 or more")
-        .replace("expected u32", "expected a whole number of 0 or more")
+        .replace("expected u64", "expected a whole number")
+        .replace("expected u32", "expected a whole number")
         .replace("expected a sequence", "expected a list, such as [\"a\", \"b\"]")
 }
 
+/// Returns `path` made absolute, and for each of its ancestors that exists,
+/// the ancestor's resolved location joined with the rest of the path. Every
+/// location a symlink along `path` leads to is in the list.
 fn path_forms(path: &Path) -> Vec<PathBuf> {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut forms = vec![absolute.clone()];
