@@ -546,7 +546,7 @@ impl Policy {
             policy.exposed_to_shell =
                 checker.exposed_to_shell(&policy.shell.confinement.system_paths, protected);
         }
-        policy.network.inject = checker.injections(&raw.network.inject)?;
+        policy.network.inject = checker.injections(&raw.network.inject, &policy.network.http_allow)?;
         policy.plugins = checker.plugin_grants(base, &raw.plugins, &policy)?;
         Ok(policy)
     }

@@ -260,7 +260,11 @@ impl Checker<'_> {
         Ok(grants)
     }
 
-    pub(super) fn injections(&self, raw: &[RawInjection]) -> Result<Vec<Injection>, PolicyError> {
+    pub(super) fn injections(
+        &self,
+        raw: &[RawInjection],
+        http_allow: &[HostRule],
+    ) -> Result<Vec<Injection>, PolicyError> {
         let mut injections = Vec::new();
         for (index, entry) in raw.iter().enumerate() {
             let key = format!("network.inject[{index}]");
@@ -300,6 +304,23 @@ impl Checker<'_> {
                 return Err(self.error(
                     format!("{key}.plugins"),
                     format!("{name:?} is not a valid plugin name ([a-z0-9][a-z0-9_-]{{0,62}})"),
+                ));
+            }
+            // An entry no request can reach is a mistake, such as a typo in
+            // the host, that would otherwise go unnoticed.
+            let target = crate::net::rules::RequestHost::Name(host.clone());
+            let reachable = http_allow.iter().any(|allowed| {
+                allowed.allows(&target, rule.port.unwrap_or(443), 443)
+                    || (entry.plain_http && allowed.allows(&target, rule.port.unwrap_or(80), 80))
+            });
+            if !reachable {
+                return Err(self.error(
+                    format!("{key}.host"),
+                    format!(
+                        "{:?} is not allowed by network.http_allow_domains, so the header would never be sent; \
+                         allow the host there or remove the entry",
+                        entry.host
+                    ),
                 ));
             }
             injections.push(Injection {
