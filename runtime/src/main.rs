@@ -72,6 +72,10 @@ enum Command {
     },
     /// Print a new random shared key for APEX_SHARED_KEY.
     Keygen,
+    /// Compile the component on stdin and write the compiled code to
+    /// stdout; the server runs this for each upload, under limits.
+    #[command(name = "compile-worker", hide = true)]
+    CompileWorker,
     /// Print the signature headers for one request, for use with curl.
     Sign {
         /// HTTP method, e.g. POST.
@@ -437,6 +441,25 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Keygen => {
             print_out(&format!("{}\n", apex::auth::generate_key()));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::CompileWorker => {
+            use std::io::{Read, Write};
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .context("cannot read the component from stdin")?;
+            match apex::engine::precompile(&bytes) {
+                Ok(compiled) => {
+                    std::io::stdout()
+                        .write_all(&compiled)
+                        .context("cannot write the compiled code to stdout")?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprint!("{e}");
+                    Ok(ExitCode::from(apex::engine::worker::EXIT_INVALID as u8))
+                }
+            }
         }
         Command::Sign {
             method,

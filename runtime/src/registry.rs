@@ -51,9 +51,11 @@ pub struct Registry {
     engine: Arc<Engine>,
     store: Arc<PluginStore>,
     plugins: RwLock<HashMap<String, Arc<LoadedPlugin>>>,
-    /// Held by the blocking compile itself, so a compile whose request was
-    /// abandoned still counts until it ends.
+    /// Bounds the compile workers running at once. A worker whose upload is
+    /// abandoned is killed, and its permit returns.
     compiles: Arc<Semaphore>,
+    /// Address space of a compile worker, in bytes (`limits.compile_mib`).
+    compile_memory_bytes: u64,
     changes: tokio::sync::Mutex<()>,
 }
 
@@ -62,12 +64,17 @@ impl Registry {
     ///
     /// A plugin that fails to load is logged and left on disk, so one bad
     /// file cannot keep the server from starting.
-    pub async fn load(engine: Arc<Engine>, store: Arc<PluginStore>) -> std::io::Result<Registry> {
+    pub async fn load(
+        engine: Arc<Engine>,
+        store: Arc<PluginStore>,
+        compile_memory_bytes: u64,
+    ) -> std::io::Result<Registry> {
         let registry = Registry {
             engine,
             store,
             plugins: RwLock::new(HashMap::new()),
             compiles: Arc::new(Semaphore::new(CONCURRENT_COMPILES)),
+            compile_memory_bytes,
             changes: tokio::sync::Mutex::new(()),
         };
 
@@ -175,21 +182,21 @@ impl Registry {
     /// [`UploadError::Compile`] when the component is unusable,
     /// [`UploadError::Host`] when the server fails to store it.
     pub async fn upload(&self, name: &str, wasm: bytes::Bytes) -> Result<PluginRecord, UploadError> {
-        let engine = self.engine.clone();
         let compiled = {
-            let permit = self
+            let _permit = self
                 .compiles
-                .clone()
-                .acquire_owned()
+                .acquire()
                 .await
                 .map_err(|e| UploadError::Host(e.to_string()))?;
-            let wasm = wasm.clone();
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                engine.compile(&wasm)
-            })
-            .await
-            .map_err(|e| UploadError::Host(e.to_string()))??
+            match self
+                .engine
+                .compile_in_worker(&wasm, self.compile_memory_bytes)
+                .await
+            {
+                Ok(compiled) => compiled,
+                Err(CompileError::Worker(e)) => return Err(UploadError::Host(e)),
+                Err(e) => return Err(UploadError::Compile(e)),
+            }
         };
 
         let mut record = PluginRecord {

@@ -205,7 +205,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         History::open(&data).with_context(|| format!("cannot open the run history in {}", data.display()))?,
     );
     let audit = AuditLog::new(history.clone());
-    let registry = Registry::load(engine.clone(), store).await?;
+    let registry = Registry::load(engine.clone(), store, policy.limits.compile_bytes as u64).await?;
 
     let local = listener.local_addr()?;
     let tls = match (&options.tls_cert, &options.tls_key) {

@@ -707,3 +707,34 @@ fn second_server_on_same_data_refused() {
     let health = server.send(&common::Request::new("GET", "/healthz", ""));
     assert_eq!(health.status, 200);
 }
+
+#[test]
+fn compile_over_memory_limit_rejected() {
+    // 256 MiB of address space is enough for `hello`, not for CPython.
+    let server = TestServer::start_with(Setup {
+        policy: "limits: {compile_mib: 256}\n".into(),
+    });
+    let python = std::fs::read(common::plugin("python-tour")).unwrap();
+    let response = server.upload("python", &python);
+    assert_eq!(
+        response.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(response.error_code(), "invalid_component");
+    assert!(
+        response
+            .error_message()
+            .contains("more than 256 MiB of memory (limits.compile_mib)"),
+        "{}",
+        response.error_message()
+    );
+
+    // The worker ended, not the server, and nothing was stored.
+    server.upload_plugin("hello");
+    let list = server
+        .send(&Request::new("GET", "/v1/plugins", "").signed())
+        .json();
+    assert_eq!(list["plugins"].as_array().unwrap().len(), 1, "{list}");
+}

@@ -10,6 +10,7 @@ mod files;
 mod limiter;
 mod output;
 mod pool;
+pub mod worker;
 mod writes;
 
 use std::sync::Arc;
@@ -47,6 +48,12 @@ const COMMAND_EXPORT_PREFIX: &str = "wasi:cli/run@0.2";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CompileError {
+    /// Compiling needed more memory or time than allowed.
+    #[error("{0}")]
+    Limit(String),
+    /// The compile worker failed or did not start: a fault of the host.
+    #[error("{0}")]
+    Worker(String),
     /// The upload has no bytes.
     #[error("the upload is empty: send the component's bytes as the request body")]
     Empty,
@@ -253,9 +260,7 @@ impl Engine {
     /// Fails when wasmtime rejects the configuration or the host cannot start
     /// the ticker thread.
     pub fn new(settings: EngineSettings) -> anyhow::Result<Engine> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
+        let mut config = compile_config();
         let reset = pool::SlotReset::detect(settings.reset_in_place);
         match reset {
             pool::SlotReset::Madvise | pool::SlotReset::InPlace => {}
@@ -327,6 +332,35 @@ impl Engine {
         })
     }
 
+    /// Compiles a component, or a preview-1 command module, in a separate
+    /// process (`apex compile-worker`) with `memory_bytes` of address space,
+    /// then loads and links the code it returns. A component built to
+    /// exhaust the compiler's memory or time then ends that process, not the
+    /// server.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::compile`], and [`CompileError::Worker`] when the worker
+    /// fails, runs out of memory or time, or cannot start.
+    pub async fn compile_in_worker(
+        &self,
+        bytes: &[u8],
+        memory_bytes: u64,
+    ) -> Result<CompiledPlugin, CompileError> {
+        // Checked here too, for the clearer message.
+        check_header(bytes)?;
+        let artifact = worker::compile(bytes, memory_bytes).await?;
+        // SAFETY: `Component::deserialize` runs the native code it is given.
+        // These bytes come from `wasmtime::Engine::precompile_component` in
+        // a child running this same executable with the same compilation
+        // settings, which is the code `Component::new` would have produced
+        // here; wasmtime checks that the settings match.
+        #[allow(unsafe_code)]
+        let component =
+            unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| compile_error(&e))?;
+        self.link(component)
+    }
+
     /// Validates, compiles and links a component, or a WASI preview-1
     /// command module after wrapping it with the preview-1 adapter.
     ///
@@ -344,15 +378,7 @@ impl Engine {
                 Component::new(&self.engine, &adapted)
             }
         };
-        let component = component.map_err(|e| {
-            let mut message = format!("{e:#}");
-            if message.contains("pooling allocator") {
-                message.push_str(
-                    "; the limit is set by limits.memory_mib (all memories of one run together) and limits.max_concurrent_runs in the policy",
-                );
-            }
-            CompileError::Invalid(message)
-        })?;
+        let component = component.map_err(|e| compile_error(&e))?;
         self.link(component)
     }
 
@@ -644,6 +670,47 @@ fn build_wasi(
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }));
     Ok(builder.build())
+}
+
+/// Returns the settings that decide compiled code, shared by the server's
+/// engine and the compile worker, so the worker's code loads in the server.
+fn compile_config() -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config
+}
+
+/// Compiles `bytes` (a component, or a preview-1 command module, which is
+/// adapted first) for an engine of [`compile_config`], and returns the
+/// serialized code. This is the work of `apex compile-worker`.
+///
+/// # Errors
+///
+/// Fails when the bytes are not WebAssembly or do not compile.
+pub fn precompile(bytes: &[u8]) -> Result<Vec<u8>, CompileError> {
+    let engine =
+        wasmtime::Engine::new(&compile_config()).map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+    let compiled = match check_header(bytes)? {
+        SourceFormat::Component => engine.precompile_component(bytes),
+        SourceFormat::Wasip1Module => {
+            let adapted = adapt::command_component(bytes).map_err(CompileError::CoreModule)?;
+            engine.precompile_component(&adapted)
+        }
+    };
+    compiled.map_err(|e| compile_error(&e))
+}
+
+/// Turns a wasmtime error about a component into a [`CompileError`], with a
+/// hint when the instance pool cannot hold it.
+fn compile_error(error: &wasmtime::Error) -> CompileError {
+    let mut message = format!("{error:#}");
+    if message.contains("pooling allocator") {
+        message.push_str(
+            "; the limit is set by limits.memory_mib (all memories of one run together) and limits.max_concurrent_runs in the policy",
+        );
+    }
+    CompileError::Invalid(message)
 }
 
 /// Tells a component from a core module by the header, and rejects bytes that

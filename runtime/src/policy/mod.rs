@@ -111,6 +111,8 @@ pub struct Limits {
     pub response_bytes: usize,
     /// Bytes one run may write to files, in bytes (`write_mib`).
     pub write_bytes: usize,
+    /// Address space of the process that compiles an upload, in bytes (`compile_mib`).
+    pub compile_bytes: usize,
     /// Most shell children running at once, over all runs (`max_shell_processes`).
     pub max_shell_processes: usize,
     /// Maximum stdout, and separately stderr, kept per shell call, in bytes (`shell_output_kib`).
@@ -180,6 +182,7 @@ const DEFAULT_INPUT_KIB: u64 = 1024;
 const DEFAULT_OUTPUT_KIB: u64 = 1024;
 const DEFAULT_RESPONSE_MIB: u64 = 16;
 const DEFAULT_WRITE_MIB: u64 = 1024;
+const DEFAULT_COMPILE_MIB: u64 = 4096;
 const DEFAULT_SHELL_PROCESSES: u64 = 4;
 const DEFAULT_CONCURRENT_RUNS: u64 = 64;
 const DEFAULT_QUEUED_RUNS: u64 = 256;
@@ -196,6 +199,8 @@ const MAX_INPUT_KIB: u64 = 64 * 1024;
 const MAX_OUTPUT_KIB: u64 = 64 * 1024;
 const MAX_RESPONSE_MIB: u64 = 1024;
 const MAX_WRITE_MIB: u64 = 1 << 20;
+const MAX_COMPILE_MIB: u64 = 1 << 16;
+const MIN_COMPILE_MIB: u64 = 64;
 const MAX_SHELL_PROCESSES: u64 = 256;
 const MAX_CONCURRENT_RUNS: u64 = 4096;
 const MAX_QUEUED_RUNS: u64 = 100_000;
@@ -423,6 +428,7 @@ struct RawLimits {
     output_kib: Option<u64>,
     response_mib: Option<u64>,
     write_mib: Option<u64>,
+    compile_mib: Option<u64>,
     max_shell_processes: Option<u64>,
     shell_output_kib: Option<u64>,
     max_concurrent_runs: Option<u64>,
@@ -632,13 +638,14 @@ impl Policy {
         ));
         let l = &self.limits;
         out.push_str(&format!(
-            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, file writes {} MiB per run, shell output {} KiB per stream, {} shell processes at once, {} runs at once and {} queued, {} client connections\n",
+            "limits: memory {} MiB per run, upload {} MiB, input {} KiB, output {} KiB per stream, HTTP response {} MiB, file writes {} MiB per run, compiling an upload {} MiB, shell output {} KiB per stream, {} shell processes at once, {} runs at once and {} queued, {} client connections\n",
             l.memory_bytes >> 20,
             l.upload_bytes >> 20,
             l.input_bytes >> 10,
             l.output_bytes >> 10,
             l.response_bytes >> 20,
             l.write_bytes >> 20,
+            l.compile_bytes >> 20,
             l.shell_output_bytes >> 10,
             l.max_shell_processes,
             l.max_concurrent_runs,
@@ -1073,6 +1080,16 @@ impl Checker<'_> {
                 DEFAULT_WRITE_MIB,
                 MAX_WRITE_MIB,
             )?,
+            compile_bytes: match raw.compile_mib {
+                // The worker's own executable and threads take tens of MiB.
+                Some(small) if small < MIN_COMPILE_MIB => {
+                    return Err(self.error(
+                        "limits.compile_mib",
+                        format!("{small} is out of range; use {MIN_COMPILE_MIB} to {MAX_COMPILE_MIB} MiB"),
+                    ));
+                }
+                value => mib("limits.compile_mib", value, DEFAULT_COMPILE_MIB, MAX_COMPILE_MIB)?,
+            },
             shell_output_bytes: kib(
                 "limits.shell_output_kib",
                 raw.shell_output_kib,
