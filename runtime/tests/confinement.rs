@@ -634,3 +634,29 @@ fn write_budget_counts_created_files() {
     assert!(error.contains("No space left"), "{result}");
     assert_eq!(budget_denials(&result).len(), 1, "{result}");
 }
+
+#[test]
+fn write_budget_charges_holes() {
+    let server = server_with_write_budget();
+    // One byte in each 4 KiB block would take a whole block on disk each:
+    // a write past the end costs the hole it leaves too.
+    let path = server.work().join("sparse.bin");
+    let result = probe(&server, json!({ "op": "sparse", "path": path, "count": 1000 }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+    let written = result["output"]["written"].as_u64().unwrap();
+    assert!(written <= 256, "{result}");
+    assert!(result["output"]["error"].is_string(), "{result}");
+    assert_eq!(budget_denials(&result).len(), 1, "{result}");
+
+    // Growing a file without writing costs what writing the bytes would.
+    let path = server.work().join("grown.bin");
+    let result = probe(&server, json!({ "op": "grow", "path": path, "bytes": 4 << 20 }));
+    assert_eq!(result["status"], "failed", "{result}");
+    assert!(
+        result["error"].as_str().unwrap().contains("No space left"),
+        "{result}"
+    );
+    assert_eq!(budget_denials(&result).len(), 1, "{result}");
+    let result = probe(&server, json!({ "op": "grow", "path": path, "bytes": 512 << 10 }));
+    assert_eq!(result["status"], "succeeded", "{result}");
+}

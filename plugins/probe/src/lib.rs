@@ -11,6 +11,11 @@
 //!   pieces, stopping at the first error; returns the bytes written and it.
 //! - `touch` `{"path": P, "count": N}`: creates N empty files named P0, P1...,
 //!   stopping at the first error; returns the files created and it.
+//! - `sparse` `{"path": P, "count": N}`: writes one byte at the start of each
+//!   of N 4 KiB blocks of file P, stopping at the first error; returns the
+//!   bytes written and it.
+//! - `grow` `{"path": P, "bytes": N}`: sets the length of file P to N bytes
+//!   without writing them.
 //! - `env`: returns the task's environment variables.
 //! - `connect` `{"addr": "HOST:PORT"}`: opens a TCP connection.
 //! - `resolve` `{"host": NAME}`: looks a name up.
@@ -196,6 +201,34 @@ impl Guest for Probe {
                     }
                 }
                 Ok(serde_json::json!({ "written": written, "error": error }).to_string())
+            }
+            "sparse" => {
+                use std::io::{Seek, SeekFrom};
+                let path = required(input.path, "path")?;
+                let count = required(input.count, "count")?;
+                let mut file = std::fs::File::create(&path).map_err(|e| format!("create {path}: {e}"))?;
+                let mut written = 0;
+                let mut error = None;
+                for block in 0..count {
+                    let wrote = file
+                        .seek(SeekFrom::Start(block * 4096))
+                        .and_then(|_| file.write_all(b"s"));
+                    match wrote {
+                        Ok(_) => written += 1,
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                Ok(serde_json::json!({ "written": written, "error": error }).to_string())
+            }
+            "grow" => {
+                let path = required(input.path, "path")?;
+                let bytes = required(input.bytes, "bytes")?;
+                let file = std::fs::File::create(&path).map_err(|e| format!("create {path}: {e}"))?;
+                file.set_len(bytes as u64).map_err(|e| format!("grow {path}: {e}"))?;
+                Ok("\"grown\"".to_string())
             }
             "touch" => {
                 let path = required(input.path, "path")?;

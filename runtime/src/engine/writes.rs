@@ -10,9 +10,12 @@
 //! a full disk: calls with `insufficient-space`, streams with an I/O error
 //! whose code is `insufficient-space` (wasi-libc reports it as `EIO`).
 //!
-//! The budget counts bytes written, not bytes on disk: writing the same
-//! range twice costs twice, and growing a file with `set-size`, which leaves
-//! it sparse, costs nothing until the task writes there.
+//! A write that starts past the end of a file also pays for the hole it
+//! leaves, and so does growing a file with `set-size`. A hole takes no disk
+//! space, but each byte later written into it can take a whole block, so a
+//! hole is charged as if its bytes were written. The budget is thus at
+//! least the bytes a run adds to disk, rounded up to blocks only for the
+//! entries it creates. Writing the same range twice costs twice.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -191,15 +194,17 @@ pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
         |mut store, (fd, buffer, offset): (Resource<Descriptor>, Vec<u8>, Filesize)| {
             Box::new(async move {
                 let state = store.data_mut();
-                let length = buffer.len() as u64;
+                let buffer_length = buffer.len() as u64;
+                let length = buffer_length + hole_before(state, &fd, offset).await;
                 if let Err(code) = charge(state, length, "a file") {
                     return Ok((Err(code),));
                 }
                 let result = HostDescriptor::write(&mut state.filesystem(), fd, buffer, offset).await;
                 match result {
                     Ok(written) => {
-                        // Bytes the call did not write go back to the budget.
-                        state.writes.give_back(length.saturating_sub(written));
+                        // Bytes the call did not write go back to the budget;
+                        // the hole stays paid for.
+                        state.writes.give_back(buffer_length.saturating_sub(written));
                         Ok((Ok(written),))
                     }
                     Err(error) => {
@@ -211,12 +216,39 @@ pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
         },
     )?;
 
-    instance.func_wrap(
+    instance.func_wrap_async(
         "[method]descriptor.write-via-stream",
         |mut store, (fd, offset): (Resource<Descriptor>, Filesize)| {
-            let state = store.data_mut();
-            let stream = HostDescriptor::write_via_stream(&mut state.filesystem(), fd, offset);
-            budgeted(state, stream)
+            Box::new(async move {
+                let state = store.data_mut();
+                // The stream's first write leaves the hole; it is paid now.
+                let hole = hole_before(state, &fd, offset).await;
+                if let Err(code) = charge(state, hole, "a file stream") {
+                    return Ok((Err(code),));
+                }
+                let stream = HostDescriptor::write_via_stream(&mut state.filesystem(), fd, offset);
+                budgeted(state, stream)
+            })
+        },
+    )?;
+    instance.func_wrap_async(
+        "[method]descriptor.set-size",
+        |mut store, (fd, size): (Resource<Descriptor>, Filesize)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let growth = hole_before(state, &fd, size).await;
+                if let Err(code) = charge(state, growth, "a file") {
+                    return Ok((Err(code),));
+                }
+                let result = HostDescriptor::set_size(&mut state.filesystem(), fd, size).await;
+                match result {
+                    Ok(()) => Ok((Ok(()),)),
+                    Err(error) => {
+                        state.writes.give_back(growth);
+                        Ok((Err(error.downcast()?),))
+                    }
+                }
+            })
         },
     )?;
     instance.func_wrap(
@@ -230,6 +262,18 @@ pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
 
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// Returns the bytes between the end of the file `fd` and `offset`: the hole
+/// that writing at `offset`, or growing the file to it, would leave. A
+/// descriptor whose size cannot be read costs nothing here; the call itself
+/// then fails or writes as usual.
+async fn hole_before(state: &mut RunState, fd: &Resource<Descriptor>, offset: Filesize) -> u64 {
+    let borrowed = Resource::new_borrow(fd.rep());
+    match HostDescriptor::stat(&mut state.filesystem(), borrowed).await {
+        Ok(stat) => offset.saturating_sub(stat.size),
+        Err(_) => 0,
+    }
 }
 
 /// Puts a stream the stock implementation opened behind the run's budget.
