@@ -75,7 +75,7 @@ impl WriteBudget {
 
     /// Returns true the first time it is called: the caller then records
     /// the denial.
-    fn first_refusal(&self) -> bool {
+    fn first_rejection(&self) -> bool {
         !self.reported.swap(true, Ordering::Relaxed)
     }
 
@@ -101,19 +101,19 @@ fn no_space() -> std::io::Error {
 }
 
 /// Records the denial of a write past the budget, once per run.
-pub fn record_refusal(state: &RunState, target: &str) {
-    if state.writes.first_refusal() {
+pub fn record_rejection(state: &RunState, target: &str) {
+    if state.writes.first_rejection() {
         super::files::record_denial_reason(&state.decisions, target, state.writes.reason());
     }
 }
 
-/// Charges `bytes` for a write or a creation at `target`; on refusal,
+/// Charges `bytes` for a write or a creation at `target`; on rejection,
 /// records it and returns the error code for the task.
 pub fn charge(state: &RunState, bytes: u64, target: &str) -> Result<(), ErrorCode> {
     if state.writes.take(bytes) {
         return Ok(());
     }
-    record_refusal(state, target);
+    record_rejection(state, target);
     Err(ErrorCode::InsufficientSpace)
 }
 
@@ -130,11 +130,11 @@ impl BudgetedStream {
         if self.budget.take(bytes as u64) {
             return Ok(());
         }
-        self.refuse()
+        self.reject()
     }
 
-    fn refuse(&mut self) -> StreamResult<()> {
-        if self.budget.first_refusal() {
+    fn reject(&mut self) -> StreamResult<()> {
+        if self.budget.first_rejection() {
             super::files::record_denial_reason(&self.decisions, "a file stream", self.budget.reason());
         }
         Err(StreamError::LastOperationFailed(no_space().into()))
@@ -168,7 +168,7 @@ impl OutputStream for BudgetedStream {
         let left = self.budget.remaining();
         if left == 0 {
             // A permit of 0 would make the task wait for readiness forever.
-            self.refuse()?;
+            self.reject()?;
         }
         let permitted = self.inner.check_write()?;
         Ok(permitted.min(usize::try_from(left).unwrap_or(usize::MAX)))
@@ -318,17 +318,17 @@ mod tests {
         assert_eq!(stream.check_write().unwrap(), 10);
         stream.write(Bytes::from_static(b"123456")).unwrap();
         assert_eq!(stream.check_write().unwrap(), 4);
-        let refused = stream.write(Bytes::from_static(b"12345"));
-        assert!(matches!(refused, Err(StreamError::LastOperationFailed(_))));
+        let rejected = stream.write(Bytes::from_static(b"12345"));
+        assert!(matches!(rejected, Err(StreamError::LastOperationFailed(_))));
         assert_eq!(
             pipe.contents().as_ref(),
             b"123456",
-            "the refused bytes were not written"
+            "the rejected bytes were not written"
         );
     }
 
     #[test]
-    fn spent_stream_refuses_instead_of_waiting() {
+    fn spent_stream_rejects_instead_of_waiting() {
         let (mut stream, _pipe) = stream(3);
         stream.write(Bytes::from_static(b"abc")).unwrap();
         // A permit of 0 would leave the task polling forever.
@@ -352,9 +352,9 @@ mod tests {
     }
 
     #[test]
-    fn refusal_reported_once() {
+    fn rejection_reported_once() {
         let budget = WriteBudget::new(0);
-        assert!(budget.first_refusal());
-        assert!(!budget.first_refusal());
+        assert!(budget.first_rejection());
+        assert!(!budget.first_rejection());
     }
 }
