@@ -26,6 +26,12 @@ server=$!
 stop() {
     kill "$server" 2>/dev/null
     wait "$server" 2>/dev/null || true
+    # Warnings would otherwise leave with the log, such as a policy file
+    # that others can read or shell children the kernel cannot confine.
+    if grep -q ' WARN ' "$log/stderr" 2>/dev/null; then
+        echo "==> the server's warnings" >&2
+        grep ' WARN ' "$log/stderr" >&2
+    fi
     rm -rf "$log"
 }
 trap stop EXIT
