@@ -495,7 +495,7 @@ impl Policy {
         let sha256 = crate::auth::sha256_hex(text);
         let raw: Option<RawPolicy> = serde_yaml_ng::from_slice(text).map_err(|e| PolicyError::Syntax {
             path: source.to_path_buf(),
-            message: plain_serde_message(&e.to_string()),
+            message: with_duplicate_lines(plain_serde_message(&e.to_string()), text),
         })?;
         // An empty file is a policy that grants nothing.
         let raw = raw.unwrap_or_else(|| RawPolicy {
@@ -1343,6 +1343,29 @@ fn plain_serde_message(message: &str) -> String {
         .replace("expected u64", "expected a whole number")
         .replace("expected u32", "expected a whole number")
         .replace("expected a sequence", "expected a list, such as [\"a\", \"b\"]")
+}
+
+/// Adds the lines of a duplicated key to serde's message, which gives no
+/// location for a key repeated at the top level.
+fn with_duplicate_lines(message: String, text: &[u8]) -> String {
+    let Some(key) = message
+        .split("duplicate field `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+    else {
+        return message;
+    };
+    let text = String::from_utf8_lossy(text);
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| line.trim_start().starts_with(&format!("{key}:")))
+        .map(|(index, _)| (index + 1).to_string())
+        .collect();
+    if lines.len() < 2 {
+        return message;
+    }
+    format!("{message} (on lines {}); keep one", lines.join(", "))
 }
 
 /// Returns `path` made absolute, and for each of its ancestors that exists,
