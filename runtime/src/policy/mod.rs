@@ -758,7 +758,8 @@ impl Checker<'_> {
                 return Err(self.error(
                     key,
                     format!(
-                        "{} is inside {system}, which exposes the host's processes or devices",
+                        "{written:?} ({}) is inside {system}, which exposes the host's processes or devices; \
+                         allow only directories of files the tasks need",
                         path.display()
                     ),
                 ));
