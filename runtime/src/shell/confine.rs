@@ -30,6 +30,7 @@ pub const DEFAULT_SYSTEM_PATHS: [&str; 8] = [
 ];
 
 /// Open files of each child (`RLIMIT_NOFILE`), the usual default soft limit.
+#[cfg(unix)]
 const CHILD_OPEN_FILES: u64 = 1024;
 
 /// Resource limits of each child.
