@@ -456,7 +456,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    eprint!("{e}");
+                    eprintln!("{e}");
                     Ok(ExitCode::from(apex::engine::worker::EXIT_INVALID as u8))
                 }
             }

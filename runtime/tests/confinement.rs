@@ -613,6 +613,15 @@ fn write_budget_stops_filling_disk() {
         .json();
     assert!(audit.to_string().contains("limits.write_mib"), "{audit}");
 
+    // Writing exactly the budget, less the file's block, succeeds.
+    let exact = probe(
+        &server,
+        json!({ "op": "fill", "path": server.work().join("exact.bin"), "bytes": (1 << 20) - 4096 }),
+    );
+    assert_eq!(exact["output"]["written"], (1 << 20) - 4096, "{exact}");
+    assert_eq!(exact["output"]["error"], Value::Null, "{exact}");
+    assert!(budget_denials(&exact).is_empty(), "{exact}");
+
     // The budget belongs to one run: the next one may write again.
     let next = probe(
         &server,

@@ -191,15 +191,12 @@ fn garbage_upload_rejected() {
         );
     }
 
-    // A component header followed by garbage.
+    // A component header followed by garbage: the reason is named once.
     let response = server.upload("junk", b"\0asm\x0d\0\x01\0\xff\xff\xff");
     assert_eq!(response.status, 400);
-    assert!(
-        response.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("invalid component")
-    );
+    let message = response.error_message();
+    assert!(message.starts_with("invalid component: "), "{message}");
+    assert_eq!(message.matches("invalid component").count(), 1, "{message}");
 
     let list = server
         .send(&Request::new("GET", "/v1/plugins", "").signed())
@@ -722,7 +719,7 @@ fn compile_over_memory_limit_rejected() {
         "{}",
         String::from_utf8_lossy(&response.body)
     );
-    assert_eq!(response.error_code(), "invalid_component");
+    assert_eq!(response.error_code(), "compile_limit");
     assert!(
         response
             .error_message()
@@ -737,4 +734,22 @@ fn compile_over_memory_limit_rejected() {
         .send(&Request::new("GET", "/v1/plugins", "").signed())
         .json();
     assert_eq!(list["plugins"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
+fn upload_works_after_executable_replaced() {
+    // As an upgrade does: a new executable renamed over the running one.
+    let bin = tempfile::tempdir().unwrap();
+    let apex = bin.path().join("apex");
+    std::fs::copy(env!("CARGO_BIN_EXE_apex"), &apex).unwrap();
+    let server =
+        TestServer::start_wrapped(Setup::default(), vec![apex.to_str().unwrap().to_string()], |_| {});
+    let replacement = bin.path().join("apex.new");
+    std::fs::copy(env!("CARGO_BIN_EXE_apex"), &replacement).unwrap();
+    std::fs::rename(&replacement, &apex).unwrap();
+
+    // The compile worker still starts from the running server's executable.
+    server.upload_plugin("hello");
+    let result = server.run("hello", json!({ "input": { "name": "Ada" } }));
+    assert_eq!(result["status"], "succeeded", "{result}");
 }

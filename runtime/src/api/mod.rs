@@ -204,9 +204,14 @@ async fn upload_plugin(
         Ok(record) => record,
         Err(UploadError::Compile(e)) => {
             tracing::warn!(plugin = %name, error = %e, "rejected upload");
-            return Err(ApiError::bad_request("invalid_component", e.to_string()));
+            // Over a limit the component may be fine, and the limit too low.
+            let code = match e {
+                crate::engine::CompileError::Limit(_) => "compile_limit",
+                _ => "invalid_component",
+            };
+            return Err(ApiError::bad_request(code, e.to_string()));
         }
-        Err(UploadError::Host(e)) => return Err(ApiError::internal("cannot store the plugin", e)),
+        Err(UploadError::Host(e)) => return Err(ApiError::internal("cannot compile or store the plugin", e)),
     };
 
     tracing::info!(plugin = %name, sha256 = %record.sha256, size = record.size, "uploaded plugin");

@@ -51,6 +51,9 @@ pub enum CompileError {
     /// Compiling needed more memory or time than allowed.
     #[error("{0}")]
     Limit(String),
+    /// The compile worker rejected the upload, for the reason given.
+    #[error("{0}")]
+    Rejected(String),
     /// The compile worker failed or did not start: a fault of the host.
     #[error("{0}")]
     Worker(String),

@@ -37,9 +37,8 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// [`CompileError::Limit`] when the worker ran out of memory or time, and
 /// [`CompileError::Worker`] when it could not run.
 pub async fn compile(bytes: &[u8], memory_bytes: u64) -> Result<Vec<u8>, CompileError> {
-    let executable = std::env::current_exe()
-        .map_err(|e| CompileError::Worker(format!("cannot find the apex executable to compile with: {e}")))?;
-    let mut command = tokio::process::Command::new(executable);
+    let executable = executable()?;
+    let mut command = tokio::process::Command::new(&executable);
     command
         .arg(SUBCOMMAND)
         .env_clear()
@@ -66,9 +65,12 @@ pub async fn compile(bytes: &[u8], memory_bytes: u64) -> Result<Vec<u8>, Compile
             });
         }
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| CompileError::Worker(format!("cannot start the compile worker: {e}")))?;
+    let mut child = command.spawn().map_err(|e| {
+        CompileError::Worker(format!(
+            "cannot start the compile worker {}: {e}",
+            executable.display()
+        ))
+    })?;
 
     // Written while the output is read, so neither pipe can fill up and
     // stall the other side. A worker that dies early closes its stdin.
@@ -101,30 +103,62 @@ pub async fn compile(bytes: &[u8], memory_bytes: u64) -> Result<Vec<u8>, Compile
     let end = output.stderr.len().min(MAX_MESSAGE_BYTES);
     let message = String::from_utf8_lossy(&output.stderr[..end]).trim().to_string();
     if output.status.code() == Some(EXIT_INVALID) {
-        return Err(CompileError::Invalid(message));
+        return Err(CompileError::Rejected(message));
     }
     Err(failure(&output.status, &message, memory_bytes))
 }
 
-/// Explains a worker that ended without a result: killed for its CPU time,
-/// out of memory, or failed in some other way.
+/// Returns the executable to start the worker from. On Linux that is the
+/// server's own file even after an upgrade renamed another over its path.
+fn executable() -> Result<std::path::PathBuf, CompileError> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(std::path::PathBuf::from("/proc/self/exe"))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        std::env::current_exe().map_err(|e| {
+            CompileError::Worker(format!("cannot find the apex executable to compile with: {e}"))
+        })
+    }
+}
+
+/// Explains a worker that ended without a result.
+///
+/// Out of its CPU time, the kernel sends it `SIGXCPU`. Out of address
+/// space, Rust aborts after reporting the failed allocation, or a thread
+/// cannot start and the worker panics; either way a worker that crashed
+/// under its limit most likely hit it, so that is what the upload is told.
 fn failure(status: &std::process::ExitStatus, message: &str, memory_bytes: u64) -> CompileError {
+    const PANICKED: i32 = 101;
+    let memory = || {
+        CompileError::Limit(format!(
+            "compiling the component needed more than {} MiB of memory (limits.compile_mib)",
+            memory_bytes >> 20
+        ))
+    };
     #[cfg(unix)]
     {
         use std::os::unix::process::ExitStatusExt;
-        if matches!(status.signal(), Some(nix::libc::SIGXCPU | nix::libc::SIGKILL)) {
-            return CompileError::Limit(format!(
-                "compiling the component used more than {} s of CPU time",
-                COMPILE_TIMEOUT.as_secs()
-            ));
+        match status.signal() {
+            Some(nix::libc::SIGXCPU) => {
+                return CompileError::Limit(format!(
+                    "compiling the component used more than {} s of CPU time",
+                    COMPILE_TIMEOUT.as_secs()
+                ));
+            }
+            Some(nix::libc::SIGABRT | nix::libc::SIGSEGV | nix::libc::SIGBUS) => return memory(),
+            Some(nix::libc::SIGKILL) => {
+                return CompileError::Worker(
+                    "the compile worker was killed, by the kernel's out-of-memory killer or by an operator"
+                        .into(),
+                );
+            }
+            _ => {}
         }
     }
-    // Rust reports a failed allocation on stderr before it aborts.
-    if message.contains("memory allocation") || message.contains("out of memory") {
-        return CompileError::Limit(format!(
-            "compiling the component needed more than {} MiB of memory (limits.compile_mib)",
-            memory_bytes >> 20
-        ));
+    if status.code() == Some(PANICKED) || message.contains("memory allocation") {
+        return memory();
     }
     CompileError::Worker(format!("the compile worker failed ({status}): {message}"))
 }

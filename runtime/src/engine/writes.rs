@@ -165,11 +165,11 @@ impl OutputStream for BudgetedStream {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        let left = self.budget.remaining();
-        if left == 0 {
-            // A permit of 0 would make the task wait for readiness forever.
-            self.reject()?;
-        }
+        // With nothing left, a permit of 1 rather than 0, which would make
+        // the task wait for readiness forever. A task that asks only to see
+        // the stream ready, as after its last write, is then not rejected;
+        // its next write is.
+        let left = self.budget.remaining().max(1);
         let permitted = self.inner.check_write()?;
         Ok(permitted.min(usize::try_from(left).unwrap_or(usize::MAX)))
     }
@@ -328,14 +328,14 @@ mod tests {
     }
 
     #[test]
-    fn spent_stream_rejects_instead_of_waiting() {
+    fn spent_stream_rejects_next_write() {
         let (mut stream, _pipe) = stream(3);
         stream.write(Bytes::from_static(b"abc")).unwrap();
         // A permit of 0 would leave the task polling forever.
-        assert!(matches!(
-            stream.check_write(),
-            Err(StreamError::LastOperationFailed(_))
-        ));
+        assert_eq!(stream.check_write().unwrap(), 1);
+        assert!(stream.decisions.snapshot().is_empty(), "checking is not writing");
+        let rejected = stream.write(Bytes::from_static(b"d"));
+        assert!(matches!(rejected, Err(StreamError::LastOperationFailed(_))));
         let decisions = stream.decisions.snapshot();
         assert_eq!(decisions.len(), 1);
         assert!(decisions[0].reason.contains("limits.write_mib"), "{decisions:?}");
