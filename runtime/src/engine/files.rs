@@ -121,7 +121,10 @@ pub fn wrap_open_at(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                 )
                 .await;
                 match result {
-                    Ok(descriptor) => Ok((Ok(descriptor),)),
+                    Ok(descriptor) => {
+                        state.opened.insert(descriptor.rep(), &path);
+                        Ok((Ok(descriptor),))
+                    }
                     Err(error) => {
                         if creates {
                             state.writes.give_back(writes::BLOCK);

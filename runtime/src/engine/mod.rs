@@ -227,6 +227,8 @@ pub struct RunState {
     table: ResourceTable,
     limiter: RunLimiter,
     writes: Arc<writes::WriteBudget>,
+    /// Paths the task opened, by descriptor, to name files in decisions.
+    opened: writes::OpenedPaths,
 }
 
 impl WasiHttpView for RunState {
@@ -524,6 +526,7 @@ impl Engine {
             table: ResourceTable::new(),
             limiter: RunLimiter::new(policy.limits.memory_bytes),
             writes: writes::WriteBudget::new(policy.limits.write_bytes as u64),
+            opened: writes::OpenedPaths::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);

@@ -33,6 +33,30 @@ use super::files::FILESYSTEM_TYPES;
 /// typical file system.
 pub const BLOCK: u64 = 4096;
 
+/// Most descriptors whose paths a run keeps for naming files in decisions.
+const MAX_OPENED_PATHS: usize = 4096;
+
+/// The paths a task opened files at, by descriptor, so a write past the
+/// budget names its file. Descriptors beyond [`MAX_OPENED_PATHS`], and those
+/// the run started with, are named "a file".
+#[derive(Debug, Default)]
+pub struct OpenedPaths(std::collections::HashMap<u32, String>);
+
+impl OpenedPaths {
+    /// Records that descriptor `rep` was opened at `path`. A descriptor
+    /// number in use again replaces the earlier path.
+    pub fn insert(&mut self, rep: u32, path: &str) {
+        if self.0.len() < MAX_OPENED_PATHS || self.0.contains_key(&rep) {
+            self.0.insert(rep, crate::truncate_text(path, 300));
+        }
+    }
+
+    /// Returns the name of descriptor `rep` for a decision.
+    fn name(&self, rep: u32) -> String {
+        self.0.get(&rep).cloned().unwrap_or_else(|| "a file".into())
+    }
+}
+
 /// Bytes a run may still write, shared by its descriptors and streams.
 #[derive(Debug)]
 pub struct WriteBudget {
@@ -121,6 +145,8 @@ pub fn charge(state: &RunState, bytes: u64, target: &str) -> Result<(), ErrorCod
 struct BudgetedStream {
     inner: DynOutputStream,
     budget: Arc<WriteBudget>,
+    /// The file's path, for the denial.
+    target: String,
     /// The run's decisions, for the one denial.
     decisions: crate::decision::Decisions,
 }
@@ -135,7 +161,7 @@ impl BudgetedStream {
 
     fn reject(&mut self) -> StreamResult<()> {
         if self.budget.first_rejection() {
-            super::files::record_denial_reason(&self.decisions, "a file stream", self.budget.reason());
+            super::files::record_denial_reason(&self.decisions, &self.target, self.budget.reason());
         }
         Err(StreamError::LastOperationFailed(no_space().into()))
     }
@@ -196,7 +222,8 @@ pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                 let state = store.data_mut();
                 let buffer_length = buffer.len() as u64;
                 let length = buffer_length + hole_before(state, &fd, offset).await;
-                if let Err(code) = charge(state, length, "a file") {
+                let target = state.opened.name(fd.rep());
+                if let Err(code) = charge(state, length, &target) {
                     return Ok((Err(code),));
                 }
                 let result = HostDescriptor::write(&mut state.filesystem(), fd, buffer, offset).await;
@@ -223,11 +250,12 @@ pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
                 let state = store.data_mut();
                 // The stream's first write leaves the hole; it is paid now.
                 let hole = hole_before(state, &fd, offset).await;
-                if let Err(code) = charge(state, hole, "a file stream") {
+                let target = state.opened.name(fd.rep());
+                if let Err(code) = charge(state, hole, &target) {
                     return Ok((Err(code),));
                 }
                 let stream = HostDescriptor::write_via_stream(&mut state.filesystem(), fd, offset);
-                budgeted(state, stream)
+                budgeted(state, stream, target)
             })
         },
     )?;
@@ -237,7 +265,8 @@ pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
             Box::new(async move {
                 let state = store.data_mut();
                 let growth = hole_before(state, &fd, size).await;
-                if let Err(code) = charge(state, growth, "a file") {
+                let target = state.opened.name(fd.rep());
+                if let Err(code) = charge(state, growth, &target) {
                     return Ok((Err(code),));
                 }
                 let result = HostDescriptor::set_size(&mut state.filesystem(), fd, size).await;
@@ -255,8 +284,9 @@ pub fn wrap_writes(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
         "[method]descriptor.append-via-stream",
         |mut store, (fd,): (Resource<Descriptor>,)| {
             let state = store.data_mut();
+            let target = state.opened.name(fd.rep());
             let stream = HostDescriptor::append_via_stream(&mut state.filesystem(), fd);
-            budgeted(state, stream)
+            budgeted(state, stream, target)
         },
     )?;
 
@@ -280,6 +310,7 @@ async fn hole_before(state: &mut RunState, fd: &Resource<Descriptor>, offset: Fi
 fn budgeted(
     state: &mut RunState,
     opened: wasmtime_wasi::p2::FsResult<Resource<DynOutputStream>>,
+    target: String,
 ) -> wasmtime::Result<(Result<Resource<DynOutputStream>, ErrorCode>,)> {
     let stream = match opened {
         Ok(stream) => stream,
@@ -289,6 +320,7 @@ fn budgeted(
     let wrapped: DynOutputStream = Box::new(BudgetedStream {
         inner,
         budget: state.writes.clone(),
+        target,
         decisions: state.decisions.clone(),
     });
     Ok((Ok(state.table.push(wrapped)?),))
@@ -307,6 +339,7 @@ mod tests {
         let stream = BudgetedStream {
             inner: Box::new(pipe.clone()),
             budget: WriteBudget::new(limit),
+            target: "out.txt".into(),
             decisions: Default::default(),
         };
         (stream, pipe)
