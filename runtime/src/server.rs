@@ -397,7 +397,7 @@ async fn accept_connections(
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, runs).await.is_err() {
         tracing::warn!(
-            runs = detached_runs.len(),
+            runs_without_client = detached_runs.len(),
             "requests or runs still going after {} s; stopping anyway, and the next start marks those runs interrupted",
             SHUTDOWN_GRACE.as_secs()
         );

@@ -414,6 +414,21 @@ fn client_errors_name_setting_and_fix() {
     assert!(stderr.contains("cannot reach the Apex server at"), "{stderr}");
     assert!(stderr.contains("Set APEX_URL"), "{stderr}");
 
+    // A server that closes the connection without answering, as one that
+    // is stopping does, was reached.
+    let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closing.local_addr().unwrap());
+    let closer = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = closing.accept() {
+            let mut head = [0u8; 512];
+            let _ = std::io::Read::read(&mut stream, &mut head);
+        }
+    });
+    let stderr = apex(&["plugins"], &[("APEX_URL", &url), ("APEX_SHARED_KEY", READER)]);
+    closer.join().unwrap();
+    assert!(stderr.contains("did not answer"), "{stderr}");
+    assert!(stderr.contains("apex runs"), "{stderr}");
+
     let stderr = apex(&["sign", "GET", "/v1/plugins"], &[("APEX_SHARED_KEY", "")]);
     assert!(stderr.contains("APEX_SHARED_KEY is not set or empty"), "{stderr}");
     assert!(stderr.contains(".env"), "{stderr}");

@@ -972,7 +972,7 @@ fn unprivileged_server_confines_children() {
     server.upload_plugin("shell-run");
     let log = server.log();
     assert!(
-        log.contains("shell children are confined: a network namespace"),
+        log.contains("shell children are confined: network and IPC namespaces"),
         "{log}"
     );
 

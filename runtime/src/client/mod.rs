@@ -120,11 +120,20 @@ impl Client {
         if let Some(id) = &self.key_id {
             request = request.header(crate::auth::HEADER_KEY_ID, id);
         }
-        let response = request.body(body).send().await.with_context(|| {
-            format!(
-                "cannot reach the Apex server at {}; is it running there? Set APEX_URL to its address",
-                self.base
-            )
+        let response = request.body(body).send().await.map_err(|e| {
+            let context = if e.is_connect() {
+                format!(
+                    "cannot reach the Apex server at {}; is it running there? Set APEX_URL to its address",
+                    self.base
+                )
+            } else {
+                format!(
+                    "the Apex server at {} did not answer, perhaps because it is stopping; \
+                     a run may have started anyway: check `apex runs`",
+                    self.base
+                )
+            };
+            anyhow::Error::new(e).context(context)
         })?;
 
         let status = response.status();

@@ -1363,7 +1363,8 @@ fn with_duplicate_lines(message: String, text: &[u8]) -> String {
         .filter(|(_, line)| line.trim_start().starts_with(&format!("{key}:")))
         .map(|(index, _)| (index + 1).to_string())
         .collect();
-    if lines.len() < 2 {
+    // A repeated nested key already comes with a location.
+    if lines.len() < 2 || message.contains(" at line ") {
         return message;
     }
     format!("{message} (on lines {}); keep one", lines.join(", "))

@@ -441,12 +441,12 @@ impl Confinement {
         #[cfg(not(target_os = "linux"))]
         let processes = "";
         let seccomp = if super::seccomp::AVAILABLE {
-            "a seccomp filter (no Unix sockets or io_uring)"
+            "a seccomp filter (no Unix sockets that reach a path, vsock or io_uring)"
         } else {
             "no seccomp filter on this architecture"
         };
         Ok(format!(
-            "a network namespace, Landlock (files and TCP), {seccomp}, resource limits and {processes}"
+            "network and IPC namespaces, Landlock (files and TCP), {seccomp}, resource limits and {processes}"
         ))
     }
 }
