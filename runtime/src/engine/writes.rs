@@ -5,17 +5,21 @@
 //! the descriptor calls that write: `write`, `write-via-stream` and
 //! `append-via-stream`, whose streams count each write as it happens. It
 //! also charges [`BLOCK`] bytes for each file, directory or link a task
-//! creates. Once the
-//! budget is spent, the run records one `file` denial, and writes fail as on
-//! a full disk: calls with `insufficient-space`, streams with an I/O error
-//! whose code is `insufficient-space` (wasi-libc reports it as `EIO`).
+//! creates. Once the budget is spent, the run records one `file` denial, and
+//! writes fail as on a full disk: calls with `insufficient-space`, streams
+//! with an I/O error whose code is `insufficient-space` (wasi-libc reports
+//! it as `EIO`).
 //!
 //! A write that starts past the end of a file also pays for the hole it
 //! leaves, and so does growing a file with `set-size`. A hole takes no disk
 //! space, but each byte later written into it can take a whole block, so a
-//! hole is charged as if its bytes were written. The budget is thus at
-//! least the bytes a run adds to disk, rounded up to blocks only for the
-//! entries it creates. Writing the same range twice costs twice.
+//! hole is charged as if its bytes were written. Writing the same range
+//! twice costs twice.
+//!
+//! NOTE: the budget counts bytes, and the disk allocates blocks. A byte
+//! appended to an existing file whose last block is full takes a new block
+//! for the price of one byte, so a run can use up to a block per file that
+//! was already there.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
