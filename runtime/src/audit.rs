@@ -1,8 +1,8 @@
 //! The audit log: who did what, and what was denied, kept in the history
 //! database (`GET /v1/audit`).
 //!
-//! Every authentication failure, policy denial, upload, deletion, policy
-//! load and server start or stop is recorded with the time and the remote
+//! Every authentication failure, policy denial, upload (accepted or
+//! rejected), deletion, policy load and server start or stop is recorded with the time and the remote
 //! address or plugin involved. Secrets are never written.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::history::History;
 
 /// Every kind of audit event, for `GET /v1/audit?kind=` to check against.
-pub const AUDIT_KINDS: [&str; 13] = [
+pub const AUDIT_KINDS: [&str; 14] = [
     "auth_failure",
     "auth_throttled",
     "ip_denial",
@@ -22,6 +22,7 @@ pub const AUDIT_KINDS: [&str; 13] = [
     "keys_load",
     "keys_load_failed",
     "plugin_upload",
+    "plugin_upload_rejected",
     "plugin_delete",
     "run_cancel",
     "server_start",

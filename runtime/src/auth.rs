@@ -135,8 +135,14 @@ pub enum AuthError {
     #[error("too many recent requests to rule out a replay of this one; sign it again with the current time")]
     ReplayCacheFull,
     /// `X-TS` is earlier than the server's start, when its replay cache began.
-    #[error("X-TS is earlier than the server's last start; sign the request again")]
-    BeforeStart,
+    #[error(
+        "X-TS is {behind} s earlier than the server's last start, before which it cannot rule out replays; \
+         sign the request again with the current time, and if this repeats, check that the client clock is not behind"
+    )]
+    BeforeStart {
+        /// Seconds from `X-TS` to the server's start.
+        behind: u64,
+    },
 }
 
 impl AuthError {
@@ -151,7 +157,7 @@ impl AuthError {
             AuthError::InvalidSignature => "invalid_signature",
             AuthError::BadSignature => "bad_signature",
             AuthError::Replay => "replay",
-            AuthError::BeforeStart => "timestamp_before_start",
+            AuthError::BeforeStart { .. } => "timestamp_before_start",
             AuthError::ReplayCacheFull => "replay_cache_full",
             AuthError::KeyDisabled => "key_disabled",
             AuthError::KeyExpired => "key_expired",
@@ -242,7 +248,9 @@ impl Verifier {
             });
         }
         if ts < self.not_before {
-            return Err(AuthError::BeforeStart);
+            return Err(AuthError::BeforeStart {
+                behind: self.not_before - ts,
+            });
         }
         Ok(ts)
     }

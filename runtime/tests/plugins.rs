@@ -728,6 +728,16 @@ fn compile_over_memory_limit_rejected() {
         response.error_message()
     );
 
+    // Rejected uploads are audited with the reason.
+    let audited = server
+        .audit()
+        .into_iter()
+        .find(|e| e["kind"] == "plugin_upload_rejected")
+        .expect("an audit event for the rejected upload");
+    assert_eq!(audited["plugin"], "python", "{audited}");
+    assert_eq!(audited["code"], "compile_limit", "{audited}");
+    assert_eq!(audited["size"], python.len(), "{audited}");
+
     // The worker ended, not the server, and nothing was stored.
     server.upload_plugin("hello");
     let list = server

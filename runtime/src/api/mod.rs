@@ -200,7 +200,7 @@ async fn upload_plugin(
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
 
-    let record = match state.registry.upload(&name, body).await {
+    let record = match state.registry.upload(&name, body.clone()).await {
         Ok(record) => record,
         Err(UploadError::Compile(e)) => {
             tracing::warn!(plugin = %name, error = %e, "rejected upload");
@@ -209,7 +209,19 @@ async fn upload_plugin(
                 crate::engine::CompileError::Limit(_) => "compile_limit",
                 _ => "invalid_component",
             };
-            return Err(ApiError::bad_request(code, e.to_string()));
+            let reason = e.to_string();
+            state.audit.record(
+                "plugin_upload_rejected",
+                json!({
+                    "plugin": name,
+                    "sha256": crate::auth::sha256_hex(&body),
+                    "size": body.len(),
+                    "code": code,
+                    "reason": crate::truncate_text(&reason, 300),
+                    "key_id": caller.key.id,
+                }),
+            );
+            return Err(ApiError::bad_request(code, reason));
         }
         Err(UploadError::Host(e)) => return Err(ApiError::internal("cannot compile or store the plugin", e)),
     };
