@@ -5,10 +5,10 @@
 //!   wasmtime embedding of the same component;
 //! - recording runs in the history database, one at a time and from 32 tasks;
 //! - signed runs over loopback HTTP at 1 and 32 connections, each request
-//!   signed afresh by the load generator, and at 1 connection again with
-//!   an idle-priority spinner on each core, which shows how much of the
-//!   latency is spent waking halted virtual CPUs; `GET /healthz` the same
-//!   two ways, as the floor of any request;
+//!   signed afresh by the load generator;
+//! - the 1-connection load again with an idle-priority spinner on each core,
+//!   to show how much of the latency is spent waking halted virtual CPUs,
+//!   and `GET /healthz` both ways, as the floor of any request;
 //! - spawning `python3 -c 'print(1)'` per task, the design Apex replaces;
 //! - time to ready with 100 stored plugins, from cached compiled code and cold;
 //! - 1,000 concurrent runs waiting on a slow local HTTP server, with the
@@ -631,7 +631,7 @@ struct Load {
     latency: Stats,
 }
 
-/// What each request of a load asks for.
+/// The request a load sends.
 #[derive(Clone, Copy)]
 enum Ask {
     /// A signed, waiting run of `hello`.

@@ -116,7 +116,7 @@ fn malformed_timestamps_rejected() {
 fn stale_timestamps_rejected_both_ways() {
     let server = TestServer::start();
     let now = apex::unix_now();
-    // The message says which way the client clock is off.
+    // The message names the direction the client clock is off in.
     let cases = [
         (now - 301 - 5, "behind the server clock"),
         (now + 301 + 5, "ahead of the server clock"),
@@ -236,7 +236,7 @@ fn bad_signatures_rejected() {
     let request = list().signed();
     let sig = request.get_header("X-SIG");
 
-    // Not the encoding the scheme uses: the error says which it is.
+    // Not the encoding the scheme uses: the error names the expected one.
     for malformed in [
         sig.to_ascii_uppercase(),
         sig[..62].to_string(),

@@ -346,9 +346,9 @@ fn failed_commit_reported_to_client() {
     let warning = waited["warning"].as_str().unwrap_or_default();
     assert!(warning.contains("could not record"), "{waited}");
 
-    // Reads answer with what is stored after about 2 s, while each try of
-    // the writer waits out its 5 s busy timeout.
-    let asked = Instant::now();
+    // Reads return what is stored after about 2 s, while each try of the
+    // writer waits out its 5 s busy timeout.
+    let requested = Instant::now();
     let page = server.send(&Request::new("GET", "/v1/runs", "").signed());
     assert_eq!(page.status, 200);
     assert!(
@@ -356,9 +356,9 @@ fn failed_commit_reported_to_client() {
         "nothing is stored yet"
     );
     assert!(
-        asked.elapsed() < Duration::from_secs(4),
+        requested.elapsed() < Duration::from_secs(4),
         "the read waited {:?} for the writer",
-        asked.elapsed()
+        requested.elapsed()
     );
 
     locker.execute_batch("ROLLBACK").unwrap();

@@ -326,6 +326,20 @@ fn sign_command_names_key_from_environment() {
     assert_eq!(server.send(&request).status, 200);
 }
 
+/// Runs the `apex` client in `dir` with `args`, and with only the settings
+/// of `env` in its environment.
+fn client(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("APEX_URL")
+        .env_remove("APEX_SHARED_KEY")
+        .env_remove("APEX_KEY_ID")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn client_reads_settings_from_dotenv() {
     use std::os::unix::fs::PermissionsExt;
@@ -341,17 +355,7 @@ fn client_reads_settings_from_dotenv() {
     )
     .unwrap();
     std::fs::set_permissions(&dotenv, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let plugins = |env: &[(&str, &str)]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
-            .arg("plugins")
-            .current_dir(dir.path())
-            .env_remove("APEX_URL")
-            .env_remove("APEX_SHARED_KEY")
-            .env_remove("APEX_KEY_ID")
-            .envs(env.iter().copied())
-            .output()
-            .unwrap()
-    };
+    let plugins = |env: &[(&str, &str)]| client(dir.path(), &["plugins"], env);
 
     let output = plugins(&[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -393,15 +397,7 @@ fn client_errors_name_setting_and_fix() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let apex = |args: &[&str], env: &[(&str, &str)]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_apex"))
-            .args(args)
-            .current_dir(dir.path())
-            .env_remove("APEX_URL")
-            .env_remove("APEX_SHARED_KEY")
-            .env_remove("APEX_KEY_ID")
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
+        let output = client(dir.path(), args, env);
         assert!(!output.status.success(), "{args:?} must fail");
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
@@ -414,7 +410,7 @@ fn client_errors_name_setting_and_fix() {
     assert!(stderr.contains("cannot reach the Apex server at"), "{stderr}");
     assert!(stderr.contains("Set APEX_URL"), "{stderr}");
 
-    // A server that closes the connection without answering, as one that
+    // A server that closes the connection without a response, as one that
     // is stopping does, was reached.
     let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", closing.local_addr().unwrap());

@@ -8,12 +8,13 @@
 //! - `alloc` `{"mib": N}`: allocates and touches N MiB.
 //! - `read` `{"path": P}`, `write` `{"path": P, "text": T}`, `list` `{"path": P}`.
 //! - `fill` `{"path": P, "bytes": N}`: writes N bytes to file P in 64 KiB
-//!   pieces, stopping at the first error; returns the bytes written and it.
+//!   pieces, and stops at the first error. Returns the bytes written and the
+//!   error.
 //! - `touch` `{"path": P, "count": N}`: creates N empty files named P0, P1...,
-//!   stopping at the first error; returns the files created and it.
+//!   and stops at the first error. Returns the files created and the error.
 //! - `sparse` `{"path": P, "count": N}`: writes one byte at the start of each
-//!   of N 4 KiB blocks of file P, stopping at the first error; returns the
-//!   bytes written and it.
+//!   of N 4 KiB blocks of file P, and stops at the first error. Returns the
+//!   bytes written and the error.
 //! - `grow` `{"path": P, "bytes": N}`: sets the length of file P to N bytes
 //!   without writing them.
 //! - `env`: returns the task's environment variables.

@@ -358,8 +358,8 @@ impl Engine {
         // SAFETY: `Component::deserialize` runs the native code it is given.
         // These bytes come from `wasmtime::Engine::precompile_component` in
         // a child running this same executable with the same compilation
-        // settings, which is the code `Component::new` would have produced
-        // here; wasmtime checks that the settings match.
+        // settings. So they are the code `Component::new` would have produced
+        // here, and wasmtime checks that the settings match.
         #[allow(unsafe_code)]
         let component =
             unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| compile_error(&e))?;

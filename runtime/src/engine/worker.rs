@@ -4,9 +4,9 @@
 //!
 //! Compiling is the one step that runs untrusted input through a large
 //! optimizing compiler before any policy applies. A component can be built
-//! to make that take gigabytes of memory or minutes of time; in the server,
-//! the first would end the whole process. In a worker, it ends the worker,
-//! and the upload fails with the limit it hit.
+//! to make that take gigabytes of memory or minutes of time. In the server,
+//! running out of memory would end the whole process. In a worker, it ends
+//! the worker, and the upload fails with the limit it hit.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use super::CompileError;
 /// The hidden subcommand that runs a worker.
 pub const SUBCOMMAND: &str = "compile-worker";
 
-/// Longest a worker may run, in wall-clock time and in CPU time.
+/// Maximum time a worker may run, in wall-clock time and in CPU time.
 pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Exit code of a worker that reports a component it cannot compile, with
@@ -123,12 +123,15 @@ fn executable() -> Result<std::path::PathBuf, CompileError> {
     }
 }
 
-/// Explains a worker that ended without a result.
+/// Returns the error for a worker that ended without a result.
 ///
-/// Out of its CPU time, the kernel sends it `SIGXCPU`. Out of address
-/// space, Rust aborts after reporting the failed allocation, or a thread
-/// cannot start and the worker panics; either way a worker that crashed
-/// under its limit most likely hit it, so that is what the upload is told.
+/// Out of CPU time, the worker gets `SIGXCPU` from the kernel. Out of
+/// address space, Rust aborts after it reports the failed allocation, or a
+/// thread cannot start and the worker panics. So a worker that crashed under
+/// its limit most likely hit it, and the error names that limit.
+///
+/// NOTE: a panic from a bug in the compiler is reported as the memory limit
+/// too, since the exit status alone cannot tell the two apart.
 fn failure(status: &std::process::ExitStatus, message: &str, memory_bytes: u64) -> CompileError {
     const PANICKED: i32 = 101;
     let memory = || {

@@ -195,10 +195,10 @@ impl OutputStream for BudgetedStream {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        // With nothing left, a permit of 1 rather than 0, which would make
-        // the task wait for readiness forever. A task that asks only to see
-        // the stream ready, as after its last write, is then not rejected;
-        // its next write is.
+        // With nothing left, the permit is 1 rather than 0, because 0 would
+        // make the task wait for readiness forever. A task that only checks
+        // readiness, as after its last write, is then not rejected. Its next
+        // write is.
         let left = self.budget.remaining().max(1);
         let permitted = self.inner.check_write()?;
         Ok(permitted.min(usize::try_from(left).unwrap_or(usize::MAX)))

@@ -18,10 +18,10 @@ use serde_json::Value;
 
 use self::writer::{Change, Job};
 
-/// Longest a read waits for earlier changes to be committed. While another
-/// process holds the database locked, each try of the writer waits out its
-/// 5 s busy timeout, and it retries for minutes; readers are not blocked by
-/// such a lock.
+/// Maximum time a read waits for earlier changes to be committed. While
+/// another process holds the database locked, each try of the writer waits
+/// out its 5 s busy timeout, and it retries for minutes. Readers are not
+/// blocked by such a lock, so they go on with what is stored.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// File name of the database inside the data directory.

@@ -18,7 +18,7 @@
 //! needs. The ruleset allows no TCP `connect` or `bind` at all, and no signal
 //! to a process or connection to an abstract Unix socket outside the child's
 //! domain. Last, it installs the seccomp filter of [`super::seccomp`], which
-//! refuses Unix sockets that could reach a path, which Landlock does not
+//! denies Unix sockets that could reach a path, which Landlock does not
 //! cover, vsock and io_uring.
 
 use std::path::PathBuf;

@@ -6,12 +6,11 @@
 //! control of the host. So a child may not create a Unix socket with
 //! `socket`. It may still make stream and seqpacket socket pairs, which are
 //! connected to each other and cannot connect anywhere else. Datagram pairs
-//! are refused: either end can send to any datagram socket by its path, as
-//! `/dev/log`. vsock sockets are refused too, since a network namespace does
+//! are denied: either end can send to any datagram socket by its path, as
+//! `/dev/log`. vsock sockets are denied too, since a network namespace does
 //! not separate them from the virtual machine's host. io_uring can create
-//! and connect sockets without these calls, so it is refused as well. It
-//! fails with `ENOSYS`, as on a kernel without it, which liburing's users
-//! expect.
+//! and connect sockets without these calls, so it is denied as well. It
+//! fails with `ENOSYS`, as on a kernel built without io_uring.
 //!
 //! Only the native system call convention passes: a call through the 32-bit
 //! convention (`int 0x80` on x86-64) kills the child, and an x32 call fails.
@@ -99,7 +98,7 @@ mod filter {
     }
 
     const ALLOW: u32 = SECCOMP_RET_ALLOW;
-    const REFUSE: u32 = SECCOMP_RET_ERRNO | EACCES as u32;
+    const DENY: u32 = SECCOMP_RET_ERRNO | EACCES as u32;
     const MISSING: u32 = SECCOMP_RET_ERRNO | ENOSYS as u32;
 
     /// The program. Jump offsets are relative to the next instruction. The
@@ -126,7 +125,7 @@ mod filter {
         /* 17 */ jump(BPF_JEQ, nix::libc::SYS_io_uring_enter as u32, 3, 0), // 21, else 18
         /* 18 */ jump(BPF_JEQ, nix::libc::SYS_io_uring_register as u32, 2, 0), // 21, else 19
         /* 19 */ ret(ALLOW),
-        /* 20 */ ret(REFUSE),
+        /* 20 */ ret(DENY),
         /* 21 */ ret(MISSING),
     ];
 
@@ -184,11 +183,11 @@ mod filter {
         }
 
         #[test]
-        fn unix_and_vsock_sockets_refused() {
+        fn unix_and_vsock_sockets_denied() {
             use nix::libc::{AF_INET, AF_INET6, AF_NETLINK, SOCK_CLOEXEC, SOCK_DGRAM, SYS_socket};
-            assert_eq!(native(SYS_socket, AF_UNIX, SOCK_STREAM), REFUSE);
-            assert_eq!(native(SYS_socket, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC), REFUSE);
-            assert_eq!(native(SYS_socket, AF_VSOCK as i32, SOCK_STREAM), REFUSE);
+            assert_eq!(native(SYS_socket, AF_UNIX, SOCK_STREAM), DENY);
+            assert_eq!(native(SYS_socket, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC), DENY);
+            assert_eq!(native(SYS_socket, AF_VSOCK as i32, SOCK_STREAM), DENY);
             // These reach only the child's own network namespace.
             assert_eq!(native(SYS_socket, AF_INET, SOCK_STREAM), ALLOW);
             assert_eq!(native(SYS_socket, AF_INET6, SOCK_DGRAM), ALLOW);
@@ -206,16 +205,16 @@ mod filter {
             );
             // Either end of these can send to a datagram socket by its path;
             // the kernel makes a raw Unix socket a datagram one.
-            assert_eq!(native(SYS_socketpair, AF_UNIX, SOCK_DGRAM), REFUSE);
-            assert_eq!(native(SYS_socketpair, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC), REFUSE);
-            assert_eq!(native(SYS_socketpair, AF_UNIX, SOCK_RAW), REFUSE);
-            // The kernel has socket pairs of Unix sockets only, and refuses
+            assert_eq!(native(SYS_socketpair, AF_UNIX, SOCK_DGRAM), DENY);
+            assert_eq!(native(SYS_socketpair, AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC), DENY);
+            assert_eq!(native(SYS_socketpair, AF_UNIX, SOCK_RAW), DENY);
+            // The kernel has socket pairs of Unix sockets only, and rejects
             // the rest itself.
             assert_eq!(native(SYS_socketpair, nix::libc::AF_INET, SOCK_DGRAM), ALLOW);
         }
 
         #[test]
-        fn io_uring_refused() {
+        fn io_uring_denied() {
             use nix::libc::{SYS_io_uring_enter, SYS_io_uring_register, SYS_io_uring_setup};
             for call in [SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register] {
                 assert_eq!(native(call, 0, 0), MISSING);
@@ -223,7 +222,7 @@ mod filter {
         }
 
         #[test]
-        fn other_conventions_refused() {
+        fn other_conventions_denied() {
             // The x86 (i386) convention: its `socketcall` hides the domain.
             assert_eq!(verdict(0x4000_0003, 102, 1, 1), SECCOMP_RET_KILL_PROCESS);
             let x32_socket = X32_SYSCALL_BIT | nix::libc::SYS_socket as u32;
@@ -245,7 +244,7 @@ mod filter {
 ///
 /// # Errors
 ///
-/// Fails when the kernel refuses the filter, as without seccomp support.
+/// Fails when the kernel rejects the filter, as without seccomp support.
 #[cfg(all(
     target_os = "linux",
     target_endian = "little",
